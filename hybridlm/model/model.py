@@ -1,0 +1,192 @@
+"""HybridLM: token embedding, the sub-layers of the layer pattern, final norm and LM head;
+``generate`` with a constant-size Mamba state and a KV cache; safetensors save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hybridlm.config import ModelConfig
+from hybridlm.model.block import Block, LayerContext
+from hybridlm.model.cache import InferenceCache
+from hybridlm.model.moe import MoE
+from hybridlm.model.norm import RMSNorm
+from hybridlm.model.packing import doc_starts, positions_from_doc_ids, seq_idx_from_doc_ids
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# Parameters the Mamba authors require in fp32 whatever the compute dtype.
+FP32_PARAM_SUFFIXES = ("A_log", "D", "dt_bias", "dt_proj.bias")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj")
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (batch, seqlen, vocab_size)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss summed over MoE layers (unweighted)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_every = 0  # activation checkpointing: every k-th sub-layer (0 = off), set by the trainer
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(len(self.layers))  # one residual add per sub-layer
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 2)
+            if p.dim() < 2 or "dt_proj" in name or "conv1d" in name:
+                continue  # norms, biases, SSM parameters and convs keep their own initialisation
+            nn.init.normal_(p, std=out_std if any(o in leaf for o in OUTPUT_PROJECTIONS) else std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.bias is not None and not name.endswith("dt_proj"):
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (batch, seqlen)
+        doc_ids: torch.Tensor | None = None,  # (batch, seqlen): packed documents never see each other
+        labels: torch.Tensor | None = None,  # (batch, seqlen), aligned with input_ids; shifted here
+        cache: InferenceCache | None = None,
+    ) -> LMOutput:
+        if cache is not None and cache.seqlen_offset > 0 and input_ids.shape[1] > 1:
+            # Mamba layers step one token at a time once a cache holds state
+            steps = [self(input_ids[:, t : t + 1], cache=cache).logits for t in range(input_ids.shape[1])]
+            return LMOutput(torch.cat(steps, dim=1))
+        ctx = self._context(input_ids, doc_ids, cache)
+        h = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
+        logits = self.lm_head(self.norm_f(h))[..., : self.cfg.vocab_size]
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        aux = [b.mixer.aux_loss for b in self.layers if isinstance(b.mixer, MoE)]
+        return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+
+    def _context(self, input_ids, doc_ids, cache) -> LayerContext:
+        if doc_ids is None:
+            offset = cache.seqlen_offset if cache is not None else 0
+            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+            return LayerContext(positions=positions, cache=cache)
+        return LayerContext(
+            positions=positions_from_doc_ids(doc_ids),
+            doc_ids=doc_ids,
+            seq_idx=seq_idx_from_doc_ids(doc_ids),
+            reset=doc_starts(doc_ids),
+            cache=cache,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prefill the prompt, then decode one token at a time; returns prompt + new tokens.
+        ``temperature=0`` is greedy. Stops early when every row has produced ``eos_token_id``."""
+        was_training = self.training
+        self.eval()
+        cache = InferenceCache()
+        logits = self(input_ids, cache=cache).logits[:, -1]
+        tokens = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_p, top_k, generator)
+            tokens.append(next_token[:, None])
+            if eos_token_id is not None:
+                done |= next_token == eos_token_id
+                if done.all():
+                    break
+            logits = self(next_token[:, None], cache=cache).logits[:, -1]
+        self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+    def cast(self, dtype: torch.dtype) -> HybridLM:
+        """Cast to ``dtype`` except the SSM parameters that must stay fp32."""
+        self.to(dtype)
+        for name, p in self.named_parameters():
+            if name.endswith(FP32_PARAM_SUFFIXES):
+                p.data = p.data.float()
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write config.json and model.safetensors (tied weights stored once)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
+        (out / CONFIG_FILE).write_text(json.dumps({"model": self.cfg.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> HybridLM:
+        """Load a ``save_pretrained`` directory (safetensors only: nothing is unpickled)."""
+        path = Path(path)
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"{path / f} not found: not a hybridlm checkpoint directory")
+        cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
+        model = cls(cfg)
+        state = load_file(path / WEIGHTS_FILE, device=str(device))
+        if cfg.tie_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        dtypes = {v.dtype for k, v in state.items() if not k.endswith(FP32_PARAM_SUFFIXES)}
+        model.to(device)
+        if dtypes and dtypes != {torch.float32}:
+            model.cast(dtypes.pop())
+        return model
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token per row from (batch, vocab) logits: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
