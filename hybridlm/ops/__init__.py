@@ -6,7 +6,9 @@ This package is the only place that imports mamba_ssm, causal_conv1d or flash_at
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 
@@ -34,8 +36,20 @@ __all__ = [
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, reset=None, return_last_state=False):
     """Mamba-1 scan; see ``selective_scan.selective_scan_ref`` for shapes."""
-    impl = _s6.selective_scan_fused if choose("selective_scan", u.device) == "fused" else _s6.selective_scan_ref
+    fused = choose("selective_scan", u.device) == "fused"
+    if fused and reset is not None:
+        _warn_once(
+            "the fused Mamba-1 selective scan (mamba_ssm) cannot restart its state inside a row: packed documents "
+            "leak state into the next document in Mamba-1 layers (attention, conv and Mamba-2 stay isolated). "
+            "Set kernels: reference for exact isolation, or pack one document per row."
+        )
+    impl = _s6.selective_scan_fused if fused else _s6.selective_scan_ref
     return impl(u, delta, A, B, C, D, z, delta_bias, reset, return_last_state)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> torch.Tensor:

@@ -75,16 +75,17 @@ def available(package: str) -> bool:
 
 def choose(op: str, device: torch.device) -> str:
     """Name of the implementation ``op`` uses for tensors on ``device``: 'fused', 'sdpa' or 'reference'."""
-    if reference_forced():
-        choice = "reference"
-    elif device.type == "cuda" and available(FUSED_PACKAGE[op]):
-        choice = "fused"
-    elif op == "attention":
-        choice = "sdpa"
-    else:
-        choice = "reference"
+    choice = _decide(op, device)
     _announce(op, device.type, choice)
     return choice
+
+
+def _decide(op: str, device: torch.device) -> str:
+    if reference_forced():
+        return "reference"
+    if device.type == "cuda" and available(FUSED_PACKAGE[op]):
+        return "fused"
+    return "sdpa" if op == "attention" else "reference"
 
 
 _announced: set[tuple[str, str]] = set()
@@ -101,6 +102,5 @@ def kernel_table(device: torch.device) -> dict[str, str]:
     names = {"fused": "{pkg}", "sdpa": "torch SDPA", "reference": "reference (PyTorch)"}
     table = {}
     for op, pkg in FUSED_PACKAGE.items():
-        choice = choose(op, device)
-        table[op] = names[choice].format(pkg=pkg)
+        table[op] = names[_decide(op, device)].format(pkg=pkg)
     return table

@@ -1,0 +1,159 @@
+"""The ``hybridlm`` command: thin subcommands that parse arguments, call the package, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from hybridlm.config import ConfigError, ModelConfig, RunConfig, load_run_config
+from hybridlm.flops import flops_per_token, inference_state_bytes
+from hybridlm.pattern import SUBLAYER_KINDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hybridlm", description="Train hybrid Mamba-Transformer language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="layer table, parameters, FLOPs, inference state and kernels of a config")
+    p.add_argument("config", nargs="?", help="run config YAML (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=512")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("prepare", help="tokenize the data section of a run config into packed shards")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train (same as python train.py CONFIG ...)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint", help="a save_pretrained directory or a run directory")
+    p.add_argument("--prompt", default="The")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("convert", help="convert to / from Hugging Face transformers formats")
+    conv = p.add_subparsers(dest="direction", required=True)
+    c = conv.add_parser("to-hf", help="export a hybridlm checkpoint as a native transformers model")
+    c.add_argument("checkpoint")
+    c.add_argument("out")
+    c.add_argument("--arch", default=None, help="bamba, nemotron_h, granitemoehybrid, jamba, mamba2, mamba, llama")
+    c.set_defaults(func=_to_hf)
+    c = conv.add_parser("from-hf", help="import a transformers (or mamba_ssm) checkpoint")
+    c.add_argument("hf_dir")
+    c.add_argument("out")
+    c.set_defaults(func=_from_hf)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:  # no config file, only overrides
+        args.overrides, args.config = [args.config, *args.overrides], None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _info(args: argparse.Namespace) -> None:
+    run = load_run_config(args.config, args.overrides)
+    print(format_info(run))
+
+
+def format_info(run: RunConfig) -> str:
+    """The text ``hybridlm info`` prints."""
+    from hybridlm import ops
+    from hybridlm.model import HybridLM
+
+    cfg, seq_len = run.model, run.train.seq_len
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    lines = [f"pattern ({len(cfg.layers)} sub-layers): {cfg.layers}", ""]
+    lines.append(f"{'idx':>4}  {'kind':<10} {'params':>12}")
+    by_kind = {kind: 0 for kind in SUBLAYER_KINDS.values()}
+    for i, block in enumerate(model.layers):
+        n = sum(p.numel() for p in block.parameters())
+        kind = _kind_name(cfg, block.kind)
+        by_kind[SUBLAYER_KINDS[block.kind]] += n
+        lines.append(f"{i:>4}  {kind:<10} {n:>12,}")
+    embed = model.embed_tokens.weight.numel()
+    head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
+    total = model.num_parameters()
+    lines += ["", "parameters by kind:"]
+    for kind, n in by_kind.items():
+        if n:
+            lines.append(f"  {kind:<12} {n:>14,}")
+    lines.append(f"  {'embedding':<12} {embed:>14,}" + ("  (tied with lm_head)" if cfg.tie_embeddings else ""))
+    if head:
+        lines.append(f"  {'lm_head':<12} {head:>14,}")
+    lines.append(f"  {'total':<12} {total:>14,}")
+
+    flops = flops_per_token(cfg, seq_len)
+    lines += ["", f"training FLOPs per token at seq_len {seq_len} (forward + backward):"]
+    for kind, f in flops.items():
+        if f:
+            lines.append(f"  {kind:<12} {f / 1e9:>12.4g} GFLOP")
+    state = inference_state_bytes(cfg, seq_len)
+    lines += [
+        "",
+        f"inference state per sequence at {seq_len} tokens (bf16):",
+        f"  KV cache   {state['kv_cache'] / 2**20:>10.2f} MiB  (grows with length)",
+        f"  SSM state  {state['ssm_state'] / 2**20:>10.2f} MiB  (constant)",
+    ]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines += ["", f"kernels on this machine ({device.type}):"]
+    for op, impl in ops.kernel_table(device).items():
+        lines.append(f"  {op:<22} {impl}")
+    return "\n".join(lines)
+
+
+def _kind_name(cfg: ModelConfig, ch: str) -> str:
+    return f"mamba{cfg.mamba.version}" if ch == "M" else SUBLAYER_KINDS[ch]
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from hybridlm.data.prepare import run_prepare
+
+    print(run_prepare(args.config, args.overrides))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from hybridlm.train.trainer import run_train
+
+    run_train(args.config, args.overrides)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from hybridlm.generate import generate_text
+
+    print(
+        generate_text(
+            args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
+        )
+    )
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    from hybridlm.convert import export_to_hf
+
+    print(export_to_hf(args.checkpoint, args.out, args.arch))
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    from hybridlm.convert import import_from_hf
+
+    print(import_from_hf(args.hf_dir, args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
