@@ -269,6 +269,7 @@ class DataConfig:
     val_fraction: float = 0.02
     num_proc: int = 0  # tokenizer processes; 0 = all cores
     split_seed: int = 0
+    token_dtype: Literal["auto", "uint16", "uint32"] = "auto"  # shard dtype; auto = uint16 when the vocab fits
 
 
 # ----------------------------------------------------------------------------------------------
