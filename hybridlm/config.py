@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,6 +260,7 @@ class SourceConfig:
     text_field: str = "text"
     weight: float = 1.0
     task: Literal["mqar"] | None = None  # synthetic task instead of text (see hybridlm.eval)
+    format: Literal["text", "instruct"] = "text"  # instruct: JSONL of {prompt, response} or {messages}
 
 
 @dataclass
@@ -270,6 +272,8 @@ class DataConfig:
     num_proc: int = 0  # tokenizer processes; 0 = all cores
     split_seed: int = 0
     token_dtype: Literal["auto", "uint16", "uint32"] = "auto"  # shard dtype; auto = uint16 when the vocab fits
+    overlong: Literal["truncate", "drop"] = "truncate"  # instruct examples longer than train.seq_len
+    chat_template: str | None = None  # Jinja template for {messages}; None = the tokenizer's, else the default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,10 +309,27 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = 0  # rank; 0 = LoRA off
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"]
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze: list[str] = field(default_factory=list)  # regexes over parameter names to keep frozen
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out_dir: str = "runs/default"
     seed: int = 0
     resume: str | None = None  # "auto" (latest in out_dir) or a checkpoint path
@@ -332,6 +353,13 @@ def validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources[{i}] needs exactly one of path, hf_dataset or task")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+    for i, pattern in enumerate(cfg.finetune.freeze):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"finetune.freeze[{i}]={pattern!r} is not a valid regex ({e})") from None
+    if cfg.finetune.lora.r < 0:
+        raise ConfigError(f"finetune.lora.r={cfg.finetune.lora.r} must be >= 0")
     m = cfg.model
     if "M" in m.layers and m.mamba.version == 2 and t.seq_len % m.mamba.chunk_size:
         raise ConfigError(
@@ -406,13 +434,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}={value!r} has the wrong type ({_tname(tp)})")
+                errors[arg] = str(e)
+        # a mapping meant for a nested section: its own error (e.g. an unknown key) says most
+        section = next((a for a in errors if dataclasses.is_dataclass(a)), None)
+        if isinstance(value, dict) and section is not None:
+            raise ConfigError(errors[section])
+        if len(errors) == 1:
+            raise ConfigError(next(iter(errors.values())))
+        raise ConfigError(f"{key}={value!r} has the wrong type ({_tname(tp)})")
     if origin is Literal:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
@@ -428,8 +462,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values")
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is float:
-        if isinstance(value, str) and value.lower() in ("inf", ".inf"):
-            return math.inf
+        if isinstance(value, str):  # YAML reads "inf" and "3e-4" (no dot) as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is int:
