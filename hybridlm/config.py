@@ -204,13 +204,14 @@ def validate_model(cfg: ModelConfig) -> None:
                     f"model.mamba.ngroups={m.ngroups} must divide the number of Mamba-2 heads "
                     f"(d_inner / head_dim = {cfg.mamba_n_heads})"
                 )
-            if cfg.conv_channels % 8:
-                raise ConfigError(
-                    f"model.mamba: conv channels d_inner + 2*ngroups*d_state = {cfg.conv_channels} "
-                    "must be a multiple of 8 (causal-conv1d kernel)"
-                )
             if m.chunk_size <= 0 or m.chunk_size & (m.chunk_size - 1):
                 raise ConfigError(f"model.mamba.chunk_size={m.chunk_size} must be a power of two")
+        if cfg.conv_channels % 8:
+            what = "d_inner" if m.version == 1 else "d_inner + 2*ngroups*d_state"
+            raise ConfigError(
+                f"model.mamba: conv channels {what} = {cfg.conv_channels} must be a multiple of 8 "
+                "(causal-conv1d kernel)"
+            )
         if m.inner_norms and m.version != 1:
             raise ConfigError("model.mamba.inner_norms=true applies to Mamba-1 only (model.mamba.version=1)")
         if m.dt_limit[0] < 0 or m.dt_limit[0] >= m.dt_limit[1]:

@@ -63,6 +63,12 @@ def jamba_pattern(n_layers: int, attn_period: int, attn_offset: int, moe_period:
     Layer i uses attention when ``i % attn_period == attn_offset`` (else Mamba) and an MoE FFN
     when ``moe_period > 0 and i % moe_period == moe_offset`` (else a dense MLP).
     """
+    if n_layers <= 0:
+        raise PatternError(f"n_layers={n_layers} must be positive")
+    for name, period, offset in (("attn", attn_period, attn_offset), ("moe", moe_period, moe_offset)):
+        # an offset outside [0, period) would silently give a model without that layer kind
+        if period < 0 or (period > 0 and not 0 <= offset < period):
+            raise PatternError(f"{name}_offset={offset} must be in [0, {name}_period={period}) (period >= 0)")
     chars = []
     for i in range(n_layers):
         chars.append("*" if attn_period > 0 and i % attn_period == attn_offset else "M")
