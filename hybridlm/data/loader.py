@@ -6,6 +6,10 @@ token: the model shifts labels inside, and this way every token of the stream af
 a prediction target exactly once and no document is ever dropped. The last window of a split is
 padded (EOS id, label -100, doc id -1).
 
+Instruction data (manifest ``kind: instruct``) was packed when prepared: row ``r`` holds whole
+examples ``rows[r]:rows[r + 1]``, padded to ``seq_len`` (EOS id, label -100, doc id -1), and the
+labels are -100 wherever the loss mask is 0 (prompt tokens). Its ``seq_len`` is the prepared one.
+
 Order: the train split visits rows in a fresh seeded permutation each epoch; the val split in
 stream order every time (``shuffle`` overrides either). Row ``q`` of the endless global sequence goes to rank
 ``(q // micro_batch_size) % world_size``, so ranks never share a row within an epoch and all
@@ -68,6 +72,16 @@ class PackedLoader:
         self.doc_offsets = np.load(self.prepared_dir / info["offsets_file"])  # (n_docs + 1,) int64
         self.stride = seq_len - 1
         self.num_rows = max(1, -(-(len(self.tokens) - 1) // self.stride))
+        self.loss_mask = self.row_docs = None
+        if manifest.get("kind") == "instruct":
+            if seq_len != manifest["seq_len"]:
+                raise DataError(
+                    f"{prepared_dir}: instruction data was packed into rows of {manifest['seq_len']} tokens, not "
+                    f"seq_len={seq_len}; prepare it with seq_len={seq_len} (train.seq_len)"
+                )
+            self.loss_mask = np.memmap(self.prepared_dir / info["mask_file"], dtype=np.uint8, mode="r")
+            self.row_docs = np.load(self.prepared_dir / info["rows_file"])  # (n_rows + 1,) int64
+            self.num_rows = len(self.row_docs) - 1
         self.rows_consumed = 0  # global position: rows handed out to all ranks together
         self._perm_epoch, self._perm = -1, np.arange(self.num_rows)
 
@@ -130,6 +144,8 @@ class PackedLoader:
         return int(self._perm[i])
 
     def _row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.row_docs is not None:
+            return self._packed_row(row)
         begin = row * self.stride
         window = np.asarray(self.tokens[begin : begin + self.seq_len], dtype=np.int64)
         doc_ids = np.searchsorted(self.doc_offsets, np.arange(begin, begin + len(window)), side="right") - 1
@@ -140,3 +156,17 @@ class PackedLoader:
             labels = np.concatenate([labels, np.full(pad, -100, dtype=np.int64)])
             doc_ids = np.concatenate([doc_ids, np.full(pad, PAD_DOC_ID, dtype=np.int64)])
         return window, labels, doc_ids.astype(np.int64)
+
+    def _packed_row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Whole instruction examples, labels only where the loss mask is 1, padded to ``seq_len``."""
+        first, last = self.row_docs[row], self.row_docs[row + 1]
+        begin, end = self.doc_offsets[first], self.doc_offsets[last]
+        pad = self.seq_len - (end - begin)
+        tokens = np.asarray(self.tokens[begin:end], dtype=np.int64)
+        labels = np.where(self.loss_mask[begin:end] == 1, tokens, -100)
+        doc_ids = np.repeat(np.arange(first, last, dtype=np.int64), np.diff(self.doc_offsets[first : last + 1]))
+        return (
+            np.concatenate([tokens, np.full(pad, self.pad_id, dtype=np.int64)]),
+            np.concatenate([labels, np.full(pad, -100, dtype=np.int64)]),
+            np.concatenate([doc_ids, np.full(pad, PAD_DOC_ID, dtype=np.int64)]),
+        )

@@ -7,6 +7,12 @@ Layout of a prepared directory::
     {train,val}.bin                    flat token stream, uint16 or uint32, every document ending in EOS
     {train,val}_offsets.npy            int64 (n_docs + 1,): document d is tokens[offsets[d]:offsets[d+1]]
     {train,val}_sources.npy            int32 (n_docs,): index into data.sources of each document
+    {train,val}_mask.bin, {train,val}_rows.npy   instruct data only: uint8 loss mask per token (1 = a
+                                       response token), int64 (n_rows + 1,) documents of each packed row
+
+Instruction data (``format: instruct`` sources, see ``hybridlm.data.instruct``) is packed at prepare
+time into rows of ``seq_len`` tokens, so its directory also depends on ``seq_len``, ``data.overlong``
+and the chat template. One data section holds one kind of source: text or instruct.
 
 The directory is built under a hidden temporary name and renamed into place as the last step,
 so a directory with a manifest is always complete. Its name is a hash of the data section, the
@@ -20,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +38,16 @@ from transformers import PreTrainedTokenizerFast
 
 from hybridlm.config import DataConfig, SourceConfig, load_run_config
 from hybridlm.data.errors import DataError
+from hybridlm.data.instruct import (
+    DEFAULT_CHAT_TEMPLATE,
+    DROPPED,
+    TRUNCATED,
+    check_instruct_source,
+    choose_template,
+    encode_batch,
+    iter_examples,
+    pack_rows,
+)
 from hybridlm.data.loader import read_manifest
 from hybridlm.data.sources import check_source, default_sources, iter_documents, resolve_files, source_name
 from hybridlm.data.tokenizer import load_local_tokenizer, tokenizer_hash, tokenizer_spec, train_bpe
@@ -40,24 +57,33 @@ DTYPE_MAX_VOCAB = {"uint16": 1 << 16, "uint32": 1 << 32}
 TINY_CORPUS_BYTES = 8 << 20  # below this, one process tokenizes faster than a pool starts
 TRAIN_TEXT_LIMIT = 1 << 30  # characters of corpus a BPE is trained on (its statistics settle long before)
 LENGTH_THRESHOLDS = [1 << k for k in range(6, 17)]  # 64 ... 65536 tokens
+log = logging.getLogger("hybridlm.data")
 
 
-def prepare(data_cfg: DataConfig, root: Path = Path("data/prepared"), dtype: str | None = None) -> Path:
+def prepare(
+    data_cfg: DataConfig, root: Path = Path("data/prepared"), dtype: str | None = None, seq_len: int | None = None
+) -> Path:
     """Prepare (or find already prepared) the dataset of ``data_cfg``; returns its absolute directory.
 
     ``dtype`` (default: ``data.token_dtype``) is the token dtype of the shards: ``auto`` (uint16
-    when the vocab fits, else uint32), ``uint16`` or ``uint32``.
+    when the vocab fits, else uint32), ``uint16`` or ``uint32``. ``seq_len`` (the run's
+    ``train.seq_len``) is required by instruct sources, packed into rows of that length here;
+    text sources ignore it.
     """
     dtype = dtype or data_cfg.token_dtype
     sources = data_cfg.sources or default_sources()
+    instruct = _is_instruct(sources, seq_len)
     for i, src in enumerate(sources):
         check_source(src, i)
+        if instruct:
+            check_instruct_source(src, i)
     spec = tokenizer_spec(data_cfg.tokenizer)
     local_tok = load_local_tokenizer(spec) if isinstance(spec, str) else None
     if local_tok is not None:
         token_dtype(len(local_tok), dtype)  # refuse a vocab the dtype cannot hold before reading data
     tokenizer_id = tokenizer_hash(local_tok) if local_tok is not None else json.dumps(spec, sort_keys=True)
-    config_hash = _config_hash(data_cfg, sources, tokenizer_id, dtype)
+    packing = _instruct_identity(data_cfg, local_tok, seq_len) if instruct else None
+    config_hash = _config_hash(data_cfg, sources, tokenizer_id, dtype, packing)
     out = (Path(data_cfg.prepared_dir) if data_cfg.prepared_dir else Path(root) / config_hash[:16]).resolve()
     if (out / "manifest.json").is_file():
         _check_existing(out, config_hash, tokenizer_id, spec)
@@ -71,9 +97,8 @@ def prepare(data_cfg: DataConfig, root: Path = Path("data/prepared"), dtype: str
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _build(
-            tmp, data_cfg, sources, spec, local_tok, dtype, {"config_hash": config_hash, "tokenizer_id": tokenizer_id}
-        )
+        identity = {"config_hash": config_hash, "tokenizer_id": tokenizer_id}
+        _build(tmp, data_cfg, sources, spec, local_tok, dtype, identity, seq_len if instruct else None)
         try:
             os.rename(tmp, out)
         except OSError:
@@ -87,7 +112,7 @@ def prepare(data_cfg: DataConfig, root: Path = Path("data/prepared"), dtype: str
 def run_prepare(config_path: str | None, overrides: list[str]) -> Path:
     """CLI entry: load the run config (only its ``data:`` section matters) and prepare it."""
     cfg = load_run_config(config_path, overrides)
-    return prepare(cfg.data)
+    return prepare(cfg.data, seq_len=cfg.train.seq_len)
 
 
 def token_dtype(vocab_size: int, dtype: str = "auto") -> str:
@@ -118,7 +143,36 @@ def verify_tokenizer(prepared_dir: str | Path, tokenizer: str | Path | PreTraine
 # Identity of a prepared directory
 
 
-def _config_hash(data_cfg: DataConfig, sources: list[SourceConfig], tokenizer_id: str, dtype: str) -> str:
+def _is_instruct(sources: list[SourceConfig], seq_len: int | None) -> bool:
+    """Whether the sources are instruction data; refuses a mix, and instruct data without ``seq_len``."""
+    formats = {s.format for s in sources}
+    if len(formats) > 1:
+        raise DataError(
+            "data.sources mixes format: text and format: instruct; one data section holds one kind "
+            "(instruct examples are packed whole with a loss mask, text is a token stream)"
+        )
+    if formats != {"instruct"}:
+        return False
+    if seq_len is None or seq_len < 2:
+        raise DataError(
+            f"instruct sources are packed into rows of train.seq_len tokens when prepared: seq_len={seq_len} "
+            "(pass prepare(..., seq_len=cfg.train.seq_len))"
+        )
+    return True
+
+
+def _instruct_identity(data_cfg: DataConfig, local_tok, seq_len: int) -> dict:
+    """What else shapes prepared instruct data: row length, overlong policy, the chat template's text."""
+    if local_tok is not None:
+        template = choose_template(local_tok, data_cfg.chat_template)[0]
+    else:
+        template = data_cfg.chat_template or DEFAULT_CHAT_TEMPLATE
+    return {"seq_len": seq_len, "overlong": data_cfg.overlong, "chat_template": template}
+
+
+def _config_hash(
+    data_cfg: DataConfig, sources: list[SourceConfig], tokenizer_id: str, dtype: str, packing: dict | None = None
+) -> str:
     section = {
         "sources": [_source_identity(s, i) for i, s in enumerate(sources)],
         "tokenizer": tokenizer_id,
@@ -127,6 +181,8 @@ def _config_hash(data_cfg: DataConfig, sources: list[SourceConfig], tokenizer_id
         "dtype": dtype,
         "format": FORMAT_VERSION,
     }
+    if packing is not None:  # only instruct data: text directories keep their hash
+        section["instruct"] = packing
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()
 
 
@@ -157,30 +213,44 @@ def _check_existing(out: Path, config_hash: str, tokenizer_id: str, spec: str | 
 # Building
 
 
-def _build(tmp: Path, data_cfg, sources, spec, local_tok, dtype: str, identity: dict) -> None:
+def _build(tmp: Path, data_cfg, sources, spec, local_tok, dtype: str, identity: dict, seq_len: int | None) -> None:
+    """Write a prepared directory into ``tmp``; ``seq_len`` is set for instruct data (packed into rows)."""
     cache = tmp / "cache"
-    docs = read_documents(sources, cache)
+    instruct = seq_len is not None
+    docs = read_examples(sources, cache) if instruct else read_documents(sources, cache)
     if local_tok is None:
         texts = (batch["text"] for batch in _limited_batches(docs, TRAIN_TEXT_LIMIT))
         tok = train_bpe((t for batch in texts for t in batch), spec["train"]["vocab_size"])
     else:
         tok = local_tok
+    if instruct:
+        template, template_origin = choose_template(tok, data_cfg.chat_template)
+        tok.chat_template = template  # saved with the tokenizer: inference renders prompts as training did
     tok.save_pretrained(str(tmp))
     dtype = token_dtype(len(tok), dtype)
-    tokenized = tokenize_documents(docs, tok, data_cfg.num_proc, cache)
+    if instruct:
+        tokenized = tokenize_examples(docs, tok, template, seq_len, data_cfg.overlong, data_cfg.num_proc, cache)
+    else:
+        tokenized = tokenize_documents(docs, tok, data_cfg.num_proc, cache)
     lengths = np.asarray(tokenized.data.column("length").to_numpy(), dtype=np.int64)
     doc_sources = np.asarray(tokenized.data.column("source").to_numpy(), dtype=np.int32)
     all_tokens = _write_flat(tokenized, int(lengths.sum()), dtype, cache / "all.bin")
+    all_mask = _write_flat(tokenized, int(lengths.sum()), "uint8", cache / "mask.bin", "mask") if instruct else None
     all_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    status = np.asarray(tokenized.data.column("status").to_numpy()) if instruct else np.zeros(len(lengths))
+    usable = status != DROPPED  # dropped examples (zero tokens) are in neither split
+    _check_sources_usable(sources, doc_sources, usable, seq_len)
 
-    is_val = _val_mask(doc_sources, len(sources), data_cfg.val_fraction, data_cfg.split_seed)
+    kept = np.flatnonzero(usable)
+    is_val = np.zeros(len(lengths), dtype=bool)
+    is_val[kept[_val_mask(doc_sources[kept], len(sources), data_cfg.val_fraction, data_cfg.split_seed)]] = True
     train_order, mixture = _mixture_order(
-        doc_sources, lengths, ~is_val, [s.weight for s in sources], data_cfg.split_seed
+        doc_sources, lengths, usable & ~is_val, [s.weight for s in sources], data_cfg.split_seed
     )
     val_order = np.flatnonzero(is_val)
     splits = {}
     for split, order in (("train", train_order), ("val", val_order)):
-        _write_split(tmp, split, order, all_tokens, all_offsets, doc_sources, dtype)
+        _write_split(tmp, split, order, all_tokens, all_offsets, doc_sources, dtype, all_mask)
         split_lengths = lengths[order]
         splits[split] = {
             "tokens_file": f"{split}.bin",
@@ -192,13 +262,16 @@ def _build(tmp: Path, data_cfg, sources, spec, local_tok, dtype: str, identity: 
             # Documents longer than a row are split across rows (never dropped): how many, per row length.
             "documents_longer_than": {str(t): int((split_lengths > t).sum()) for t in LENGTH_THRESHOLDS},
         }
-    del all_tokens
+        if instruct:
+            splits[split].update(_pack_split(tmp, split, split_lengths, seq_len))
+    del all_tokens, all_mask
     shutil.rmtree(cache)
 
     for i, src in enumerate(sources):
         mixture[i].update(name=source_name(src, i), val_documents=int((is_val & (doc_sources == i)).sum()))
     manifest = {
         "format": FORMAT_VERSION,
+        "kind": "instruct" if instruct else "text",
         **identity,
         "data": {**dataclasses.asdict(data_cfg), "sources": [dataclasses.asdict(s) for s in sources]},
         "sources": mixture,
@@ -210,11 +283,60 @@ def _build(tmp: Path, data_cfg, sources, spec, local_tok, dtype: str, identity: 
         "dtype": dtype,
         "split_seed": data_cfg.split_seed,
         "val_fraction": data_cfg.val_fraction,
-        "documents": len(lengths),
+        "documents": int(usable.sum()),
         "tokens": int(lengths.sum()),
         "splits": splits,
     }
+    if instruct:
+        manifest["seq_len"] = seq_len
+        manifest["instruct"] = _instruct_report(splits, status, template_origin, data_cfg.overlong, seq_len)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks it complete
+
+
+def _check_sources_usable(sources, doc_sources: np.ndarray, usable: np.ndarray, seq_len: int | None) -> None:
+    for i, src in enumerate(sources):
+        if not (usable & (doc_sources == i)).any():
+            raise DataError(
+                f"{source_name(src, i)}: every example is longer than train.seq_len={seq_len} and was dropped "
+                "(data.overlong); raise train.seq_len or use data.overlong: truncate"
+            )
+
+
+def _pack_split(tmp: Path, split: str, lengths: np.ndarray, seq_len: int) -> dict:
+    """Pack one instruct split's examples into rows (written as ``{split}_rows.npy``); manifest fields."""
+    rows = pack_rows(lengths, seq_len)
+    np.save(tmp / f"{split}_rows.npy", rows)
+    n_rows = len(rows) - 1
+    mask = np.memmap(tmp / f"{split}_mask.bin", dtype=np.uint8, mode="r") if lengths.sum() else np.zeros(0)
+    return {
+        "mask_file": f"{split}_mask.bin",
+        "rows_file": f"{split}_rows.npy",
+        "rows": n_rows,
+        "response_tokens": int(mask.sum(dtype=np.int64)),
+        "fill": float(lengths.sum() / (n_rows * seq_len)) if n_rows else 0.0,  # share of row slots not padding
+    }
+
+
+def _instruct_report(splits: dict, status: np.ndarray, template_origin: str, overlong: str, seq_len: int) -> dict:
+    """The manifest's ``instruct`` section; logs a warning when examples were truncated or dropped."""
+    truncated, dropped = int((status == TRUNCATED).sum()), int((status == DROPPED).sum())
+    if truncated or dropped:
+        log.warning(
+            "%d of %d instruction examples are longer than train.seq_len=%d: %d truncated on the response side, "
+            "%d dropped (data.overlong=%s)",
+            truncated + dropped,
+            len(status),
+            seq_len,
+            truncated,
+            dropped,
+            overlong,
+        )
+    return {
+        "chat_template": template_origin,  # data.chat_template, tokenizer or default
+        "examples": len(status),
+        "response_tokens": sum(s["response_tokens"] for s in splits.values()),
+        "overlong": {"policy": overlong, "seq_len": seq_len, "truncated": truncated, "dropped": dropped},
+    }
 
 
 def _generate(sources: tuple[SourceConfig, ...]):
@@ -224,13 +346,34 @@ def _generate(sources: tuple[SourceConfig, ...]):
             yield {"text": text, "source": i}
 
 
+def _generate_examples(sources: tuple[SourceConfig, ...]):
+    for i, src in enumerate(sources):
+        for where, messages in iter_examples(src, i):
+            # text: what a BPE trained on this data sees; messages: the conversation, rendered later
+            text = "\n".join(m["content"] for m in messages)
+            yield {"text": text, "messages": json.dumps(messages, ensure_ascii=False), "where": where, "source": i}
+
+
 def read_documents(sources: list[SourceConfig], cache: Path) -> datasets.Dataset:
     """All documents as an on-disk arrow dataset (columns text, source), in source order."""
     features = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("int32")})
+    return _from_generator(_generate, features, sources, cache)
+
+
+def read_examples(sources: list[SourceConfig], cache: Path) -> datasets.Dataset:
+    """All instruction examples, validated, as an arrow dataset (columns text, messages, where, source)."""
+    string = datasets.Value("string")
+    features = datasets.Features(
+        {"text": string, "messages": string, "where": string, "source": datasets.Value("int32")}
+    )
+    return _from_generator(_generate_examples, features, sources, cache)
+
+
+def _from_generator(generate, features: datasets.Features, sources: list[SourceConfig], cache: Path):
     with _quiet_datasets():
         try:
             return datasets.Dataset.from_generator(
-                _generate, features=features, gen_kwargs={"sources": tuple(sources)}, cache_dir=str(cache)
+                generate, features=features, gen_kwargs={"sources": tuple(sources)}, cache_dir=str(cache)
             )
         except datasets.exceptions.DatasetGenerationError as e:
             if isinstance(e.__cause__, DataError):  # our own one-line error, raised while reading
@@ -254,10 +397,6 @@ def _encode(batch: dict, tokenizer, eos_id: int) -> dict:
 
 def tokenize_documents(docs: datasets.Dataset, tok, num_proc: int, cache: Path) -> datasets.Dataset:
     """Token ids of every document (EOS appended) with ``datasets.map``; a tqdm bar shows tokens/s."""
-    corpus_bytes = docs.data.column("text").nbytes
-    procs = 1 if corpus_bytes < TINY_CORPUS_BYTES else (num_proc or os.cpu_count() or 1)
-    if procs > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map workers are the parallelism
     features = datasets.Features(
         {
             "source": datasets.Value("int32"),
@@ -265,6 +404,32 @@ def tokenize_documents(docs: datasets.Dataset, tok, num_proc: int, cache: Path) 
             "length": datasets.Value("int64"),
         }
     )
+    fn_kwargs = {"tokenizer": tok.backend_tokenizer, "eos_id": tok.eos_token_id}
+    return _map_tokens(docs, _encode, fn_kwargs, features, ["text"], num_proc, cache)
+
+
+def tokenize_examples(
+    docs: datasets.Dataset, tok, template: str, seq_len: int, overlong: str, num_proc: int, cache: Path
+) -> datasets.Dataset:
+    """Token ids, loss mask, length and fit status (``instruct.KEPT/TRUNCATED/DROPPED``) of every example."""
+    features = datasets.Features(
+        {
+            "source": datasets.Value("int32"),
+            "input_ids": datasets.Sequence(datasets.Value("uint32")),
+            "mask": datasets.Sequence(datasets.Value("uint8")),
+            "length": datasets.Value("int64"),
+            "status": datasets.Value("int8"),
+        }
+    )
+    fn_kwargs = {"tokenizer": tok, "template": template, "seq_len": seq_len, "overlong": overlong}
+    return _map_tokens(docs, encode_batch, fn_kwargs, features, ["text", "messages", "where"], num_proc, cache)
+
+
+def _map_tokens(docs, fn, fn_kwargs: dict, features, remove_columns: list[str], num_proc: int, cache: Path):
+    corpus_bytes = docs.data.column("text").nbytes
+    procs = 1 if corpus_bytes < TINY_CORPUS_BYTES else (num_proc or os.cpu_count() or 1)
+    if procs > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the map workers are the parallelism
     # Chunks so the bar advances (datasets.map reports only examples/s, and only per call).
     n_chunks = max(1, min(100, len(docs) // 20_000))
     parts = []
@@ -272,12 +437,12 @@ def tokenize_documents(docs: datasets.Dataset, tok, num_proc: int, cache: Path) 
         for k in range(n_chunks):
             chunk = docs.shard(n_chunks, k, contiguous=True)
             part = chunk.map(
-                _encode,
+                fn,
                 batched=True,
                 num_proc=min(procs, len(chunk)) if procs > 1 else None,
-                remove_columns=["text"],
+                remove_columns=remove_columns,
                 features=features,
-                fn_kwargs={"tokenizer": tok.backend_tokenizer, "eos_id": tok.eos_token_id},
+                fn_kwargs=fn_kwargs,
                 cache_file_name=str(cache / f"tokens-{k:03d}.arrow"),
                 new_fingerprint=f"hybridlm-tokens-{k}",
             )
@@ -287,11 +452,13 @@ def tokenize_documents(docs: datasets.Dataset, tok, num_proc: int, cache: Path) 
     return datasets.concatenate_datasets(parts)
 
 
-def _write_flat(tokenized: datasets.Dataset, n_tokens: int, dtype: str, path: Path) -> np.ndarray:
-    """All documents' tokens back to back, in corpus order (read back by the split writer)."""
+def _write_flat(
+    tokenized: datasets.Dataset, n_tokens: int, dtype: str, path: Path, column: str = "input_ids"
+) -> np.ndarray:
+    """All documents' tokens (or per-token ``column``) back to back, in corpus order (read by the split writer)."""
     out = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n_tokens, 1),))
     pos = 0
-    for chunk in tokenized.data.column("input_ids").chunks:
+    for chunk in tokenized.data.column(column).chunks:
         values = chunk.flatten().to_numpy()
         out[pos : pos + len(values)] = values
         pos += len(values)
@@ -359,23 +526,32 @@ def _mixture_order(
     return np.concatenate(order).astype(np.int64), report
 
 
-def _write_split(tmp: Path, split: str, order: np.ndarray, all_tokens, all_offsets, doc_sources, dtype) -> None:
+def _write_split(
+    tmp: Path, split: str, order: np.ndarray, all_tokens, all_offsets, doc_sources, dtype, all_mask=None
+) -> None:
     lengths = all_offsets[order + 1] - all_offsets[order]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    out = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(max(int(offsets[-1]), 1),))
+    _gather_runs(tmp / f"{split}.bin", order, all_tokens, all_offsets, dtype, int(offsets[-1]))
+    if all_mask is not None:
+        _gather_runs(tmp / f"{split}_mask.bin", order, all_mask, all_offsets, "uint8", int(offsets[-1]))
+    np.save(tmp / f"{split}_offsets.npy", offsets)
+    np.save(tmp / f"{split}_sources.npy", doc_sources[order].astype(np.int32))
+
+
+def _gather_runs(path: Path, order: np.ndarray, values, all_offsets, dtype: str, n: int) -> None:
+    """Write the per-token ``values`` of the documents in ``order``, back to back, to ``path``."""
+    out = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n, 1),))
     # Copy runs of consecutive documents in one slice each: the order is mostly long runs.
     breaks = np.flatnonzero(np.diff(order) != 1) + 1
     pos = 0
     for run in np.split(order, breaks) if len(order) else []:
         a, b = all_offsets[run[0]], all_offsets[run[-1] + 1]
-        out[pos : pos + b - a] = all_tokens[a:b]
+        out[pos : pos + b - a] = values[a:b]
         pos += b - a
     out.flush()
     del out
-    if offsets[-1] == 0:  # np.memmap cannot map an empty file; keep the split's file truly empty
-        (tmp / f"{split}.bin").write_bytes(b"")
-    np.save(tmp / f"{split}_offsets.npy", offsets)
-    np.save(tmp / f"{split}_sources.npy", doc_sources[order].astype(np.int32))
+    if n == 0:  # np.memmap cannot map an empty file; keep the split's file truly empty
+        path.write_bytes(b"")
 
 
 @contextlib.contextmanager
