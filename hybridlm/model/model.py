@@ -24,6 +24,8 @@ from hybridlm.model.packing import doc_starts, positions_from_doc_ids, seq_idx_f
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # Parameters the Mamba authors require in fp32 whatever the compute dtype.
 FP32_PARAM_SUFFIXES = ("A_log", "D", "dt_bias", "dt_proj.bias")
+# Buffers updated by small increments outside SGD (the sigmoid router's load-balancing bias).
+FP32_BUFFER_SUFFIXES = ("expert_bias",)
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj")
 
 
@@ -136,6 +138,9 @@ class HybridLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(FP32_PARAM_SUFFIXES):
                 p.data = p.data.float()
+        for name, b in self.named_buffers():
+            if name.endswith(FP32_BUFFER_SUFFIXES):
+                b.data = b.data.float()
         return self
 
     def num_parameters(self) -> int:
@@ -166,7 +171,7 @@ class HybridLM(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        dtypes = {v.dtype for k, v in state.items() if not k.endswith(FP32_PARAM_SUFFIXES)}
+        dtypes = {v.dtype for k, v in state.items() if not k.endswith(FP32_PARAM_SUFFIXES + FP32_BUFFER_SUFFIXES)}
         model.to(device)
         if dtypes and dtypes != {torch.float32}:
             model.cast(dtypes.pop())

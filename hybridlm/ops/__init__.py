@@ -12,10 +12,10 @@ import warnings
 
 import torch
 
-from hybridlm.ops import attention as _attn
+from hybridlm.ops import attn as _attn
 from hybridlm.ops import conv as _conv
 from hybridlm.ops import norm as _norm
-from hybridlm.ops import selective_scan as _s6
+from hybridlm.ops import selective as _s6
 from hybridlm.ops import ssd as _ssd
 from hybridlm.ops.dispatch import choose, kernel_table, reference_kernels, set_kernels
 
@@ -35,7 +35,7 @@ __all__ = [
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, reset=None, return_last_state=False):
-    """Mamba-1 scan; see ``selective_scan.selective_scan_ref`` for shapes."""
+    """Mamba-1 scan; see ``selective.selective_scan_ref`` for shapes."""
     fused = choose("selective_scan", u.device) == "fused"
     if fused and reset is not None:
         _warn_once(

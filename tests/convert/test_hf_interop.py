@@ -196,7 +196,7 @@ def test_bf16_stays_bf16_and_ssm_parameters_stay_fp32(tmp_path, tiny_config, per
 
     with safe_open(out / "model.safetensors", "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    ssm = ("A_log", "D", "dt_bias", "dt_proj.bias")
+    ssm = ("A_log", "D", "dt_bias", "dt_proj.bias", "e_score_correction_bias")  # the router bias: fp32 as in HF
     assert {d for k, d in dtypes.items() if k.endswith(ssm)} <= {"F32"}
     assert {d for k, d in dtypes.items() if not k.endswith(ssm)} == {"BF16"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

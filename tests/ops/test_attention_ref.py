@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybridlm.ops.attention import attention_ref, attention_sdpa, doc_cu_seqlens
+from hybridlm.ops.attn import attention_ref, attention_sdpa, doc_cu_seqlens
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 8
 

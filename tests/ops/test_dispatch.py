@@ -60,7 +60,7 @@ def test_reference_kernels_context_restores_the_previous_mode():
 
 
 def test_forced_reference_routes_calls_to_the_reference_function(monkeypatch):
-    attention_module = importlib.import_module("hybridlm.ops.attention")
+    attention_module = importlib.import_module("hybridlm.ops.attn")
     calls = []
     real = attention_module.attention_ref
 

@@ -48,7 +48,7 @@ import torch
 
 from hybridlm import HybridLM, ModelConfig, ops
 from hybridlm.model import InferenceCache
-from hybridlm.ops.attention import attention_flash, attention_ref, attention_sdpa
+from hybridlm.ops.attn import attention_flash, attention_ref, attention_sdpa
 from hybridlm.ops.conv import (
     causal_conv1d_fused,
     causal_conv1d_ref,
@@ -56,7 +56,7 @@ from hybridlm.ops.conv import (
     causal_conv1d_update_ref,
 )
 from hybridlm.ops.norm import gated_rms_norm_fused, gated_rms_norm_ref, rms_norm_fused, rms_norm_ref
-from hybridlm.ops.selective_scan import (
+from hybridlm.ops.selective import (
     selective_scan_fused,
     selective_scan_ref,
     selective_state_update_fused,

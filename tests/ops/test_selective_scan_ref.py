@@ -4,7 +4,7 @@ both layouts (Mamba-1 per channel, Mamba-2 per head) against the full scans."""
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.selective_scan import selective_scan_ref, selective_state_update_ref
+from hybridlm.ops.selective import selective_scan_ref, selective_state_update_ref
 from hybridlm.ops.ssd import ssd_scan_ref
 
 BATCH, D_INNER, D_STATE = 2, 6, 4
