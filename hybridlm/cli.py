@@ -127,10 +127,15 @@ def _prepare(args: argparse.Namespace) -> None:
     print(run_prepare(args.config, args.overrides))
 
 
-def _train(args: argparse.Namespace) -> None:
-    from hybridlm.train.trainer import run_train
+def _train(args: argparse.Namespace) -> int:
+    from hybridlm.train import TrainingDiverged, run_train
 
-    run_train(args.config, args.overrides)
+    try:
+        run_train(args.config, args.overrides)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> None:
