@@ -1,0 +1,27 @@
+"""Fixtures of the recall / inspect tests: one CPU thread (the machine is shared) and a tiny BPE
+tokenizer trained on a few documents of the embedded corpus."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hybridlm.data.sources import DEFAULT_CORPUS_DIR, read_txt
+from hybridlm.data.tokenizer import train_bpe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The machine's cores are shared: these tests use one, and give the rest back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    docs = list(itertools.islice(read_txt(DEFAULT_CORPUS_DIR / "stdlib_docstrings_00.txt"), 200))
+    return train_bpe(docs, 320)
