@@ -42,6 +42,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev = p.add_subparsers(dest="suite", required=True)
+    e = ev.add_parser("recall", help="MQAR and needle-in-a-haystack recall by context length, pairs and depth")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/recall)")
+    e.add_argument("--tasks", default=None, help="mqar,needle (default: mqar, plus needle with a tokenizer)")
+    e.add_argument("--seq-lens", default="64,128,256,512")
+    e.add_argument("--n-pairs", default="4,8,16,32,64")
+    e.add_argument("--samples", type=int, default=64)
+    e.add_argument("--mqar-vocab", type=int, default=None, help="MQAR vocabulary (default: the model's)")
+    e.add_argument("--needle-lengths", default="256,512,1024,2048")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    e.add_argument("--needle-samples", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=_eval_recall)
+
+    p = sub.add_parser("inspect", help="per-token SSM selectivity, state and attention of a checkpoint on a text")
+    p.add_argument("checkpoint")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text")
+    text.add_argument("--text-file")
+    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/inspect)")
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per streamed chunk (bounds memory)")
+    p.add_argument("--keep-states", action="store_true", help="also write every per-token SSM state")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_inspect)
+
     p = sub.add_parser("convert", help="convert to / from Hugging Face transformers formats")
     conv = p.add_subparsers(dest="direction", required=True)
     c = conv.add_parser("to-hf", help="export a hybridlm checkpoint as a native transformers model")
@@ -145,6 +175,45 @@ def _generate(args: argparse.Namespace) -> None:
         generate_text(
             args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed
         )
+    )
+
+
+def _eval_recall(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hybridlm.eval.recall import parse_values, run_eval_recall
+
+    run_eval_recall(
+        args.checkpoint,
+        args.out or str(Path(args.checkpoint) / "recall"),
+        tasks=args.tasks.split(",") if args.tasks else None,
+        device=args.device,
+        mqar_vocab_size=args.mqar_vocab,
+        seq_lens=parse_values(args.seq_lens, int, "--seq-lens"),
+        n_pairs=parse_values(args.n_pairs, int, "--n-pairs"),
+        samples=args.samples,
+        needle_lengths=parse_values(args.needle_lengths, int, "--needle-lengths"),
+        depths=parse_values(args.depths, float, "--depths"),
+        needle_samples=args.needle_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hybridlm.eval.inspect import run_inspect
+
+    text = args.text if args.text is not None else Path(args.text_file).read_text()
+    run_inspect(
+        args.checkpoint,
+        text,
+        args.out or str(Path(args.checkpoint) / "inspect"),
+        top_k=args.top_k,
+        chunk_size=args.chunk_size,
+        keep_states=args.keep_states,
+        device=args.device,
     )
 
 

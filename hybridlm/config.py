@@ -262,6 +262,8 @@ class SourceConfig:
     weight: float = 1.0
     task: Literal["mqar"] | None = None  # synthetic task instead of text (see hybridlm.eval)
     format: Literal["text", "instruct"] = "text"  # instruct: JSONL of {prompt, response} or {messages}
+    n_pairs: int | list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # task mqar: key-value pairs
+    power_a: float = 0.01  # task mqar: power-law exponent of the gaps between queries (Zoology)
 
 
 @dataclass
