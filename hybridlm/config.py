@@ -364,7 +364,8 @@ def validate_run(cfg: RunConfig) -> None:
     if cfg.finetune.lora.r < 0:
         raise ConfigError(f"finetune.lora.r={cfg.finetune.lora.r} must be >= 0")
     m = cfg.model
-    if "M" in m.layers and m.mamba.version == 2 and t.seq_len % m.mamba.chunk_size:
+    # with init_from the architecture comes from the checkpoint; the trainer checks seq_len against it
+    if cfg.init_from is None and "M" in m.layers and m.mamba.version == 2 and t.seq_len % m.mamba.chunk_size:
         raise ConfigError(
             f"train.seq_len={t.seq_len} must be a multiple of model.mamba.chunk_size={m.mamba.chunk_size} "
             "(SSD chunked scan)"

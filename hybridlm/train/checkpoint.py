@@ -5,10 +5,17 @@ Layout of ``<out_dir>/checkpoints``::
     step_00000100/
         config.json, model.safetensors  full fp32 weights in HybridLM.save_pretrained format
                                         (``HybridLM.from_pretrained`` and ``init_from`` read it)
-        optimizer.safetensors           full AdamW moments: exp_avg.<param>, exp_avg_sq.<param>
+        tokenizer.json, ...             the run's tokenizer (save_pretrained), so the directory is self-contained
+        optimizer.safetensors           full AdamW moments of the trainable parameters: exp_avg.<param>,
+                                        exp_avg_sq.<param>
         trainer.json                    step, AdamW step count, tokens seen, loader position, run config
         rng_rank00000.json ...          each rank's python / numpy / torch RNG states
     latest                              name of the newest complete checkpoint
+
+A LoRA run's checkpoints keep the adapted model's parameter names (``<module>.base_layer.weight``,
+``<module>.lora_A.default.weight``, ...): a resumed run builds the model, adds the adapters, then loads.
+Its final export (``<out_dir>/model``) holds the merged weights under plain names; ``init_from`` merges
+a checkpoint's adapters itself (``hybridlm.train.init_from``). Frozen parameters have no moments.
 
 Weights and moments are gathered from whatever ZeRO partitioning the run uses, so the files do
 not depend on it; a resumed run partitions them again its own way. Gathering goes through rank 0's
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from hybridlm.config import ConfigError, ModelConfig
 from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE
@@ -39,6 +47,7 @@ from hybridlm.train.engine import barrier
 from hybridlm.train.optim import set_lr
 
 CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"  # beside checkpoints/ in a run directory: the final export
 LATEST = "latest"
 TRAINER_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -56,7 +65,7 @@ def step_dir_name(step: int) -> str:
 def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """Full fp32 weights, AdamW moments and AdamW step count. Collective: every rank must call it;
     only rank 0 gets the tensors (on CPU), the others empty dicts."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_optimizer_state
 
     module, stage = engine.module, engine.zero_optimization_stage()
     keep = torch.distributed.get_rank() == 0
@@ -67,9 +76,11 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p) if stage > 0 else p.detach()
+        full = _full_weight(p, stage)
         if keep:
             weights[name] = full.float().cpu().clone()
+        if not p.requires_grad:
+            continue  # frozen (fine-tuning): not in the optimizer
         for key in MOMENTS:
             if not stepped:
                 value = torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
@@ -86,6 +97,21 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     return weights, moments, adam_step
 
 
+def _full_weight(p: torch.nn.Parameter, stage: int) -> torch.Tensor:
+    """The full fp32 value of one parameter (collective under ZeRO-3). A frozen parameter is in no optimizer
+    partition: ZeRO 1/2 keep it whole on every rank, ZeRO-3 gathers it like a forward pass does."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if stage == 0 or (stage < 3 and not p.requires_grad):
+        return p.detach()
+    if p.requires_grad:
+        return safe_get_full_fp32_param(p)
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([p]):
+        return p.detach().clone()
+
+
 def restore_optimizer(engine, ckpt: Path, adam_step: int, seq_len: int) -> None:
     """Load the AdamW moments and step count of ``ckpt`` into a freshly initialised engine (collective).
 
@@ -96,9 +122,10 @@ def restore_optimizer(engine, ckpt: Path, adam_step: int, seq_len: int) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     base = engine.basic_optimizer
+    trainable = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
     with safe_open(ckpt / OPTIMIZER_FILE, "pt") as f:
         if engine.zero_optimization_stage() == 0:
-            for name, p in engine.module.named_parameters():
+            for name, p in trainable:
                 base.state[p] = {
                     "step": torch.tensor(float(adam_step)),
                     **{key: f.get_tensor(f"{key}.{name}").to(p.device) for key in MOMENTS},
@@ -106,7 +133,7 @@ def restore_optimizer(engine, ckpt: Path, adam_step: int, seq_len: int) -> None:
             return
         _prime_optimizer_state(engine, seq_len)
         _link_optimizer_fragments(engine)
-        for name, p in engine.module.named_parameters():
+        for name, p in trainable:
             for key in MOMENTS:
                 safe_set_full_optimizer_state(p, f.get_tensor(f"{key}.{name}").to(engine.device), key)
     for state in base.state.values():
@@ -191,9 +218,10 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     trainer_state: dict[str, Any],
     keep_last: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically, move ``latest`` to it and prune to ``keep_last``.
-    Collective: every rank calls it. Returns the checkpoint directory."""
+    """Write ``checkpoints/step_<step>`` atomically (with ``tokenizer``'s files when given), move ``latest``
+    to it and prune to ``keep_last``. Collective: every rank calls it. Returns the checkpoint directory."""
     rank = torch.distributed.get_rank()
     root = Path(out_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
@@ -210,6 +238,9 @@ def save_checkpoint(
         save_file(moments, tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
         _fsync(tmp / OPTIMIZER_FILE)
         _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step, "adam_step": adam_step})
+        if tokenizer is not None:
+            for written in tokenizer.save_pretrained(str(tmp)):
+                _fsync(Path(written))
         _fsync(tmp)
         _publish(tmp, final)
         prune(root, keep_last)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import torch
 
 from hybridlm.config import ConfigError, RunConfig
-from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,7 +60,8 @@ def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
 
 
 def check_train_config(cfg: RunConfig) -> None:
-    """Checks of ``train:`` and the top-level keys the loop needs, before any work; one line naming the key."""
+    """Checks of ``train:`` the loop needs, before any work; one line naming the key (``init_from`` is checked
+    by ``init_from.resolve_init_from``)."""
     t = cfg.train
     rules = [
         ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
@@ -88,10 +87,3 @@ def check_train_config(cfg: RunConfig) -> None:
         raise ConfigError(f"train.activation_checkpointing={ac} must be 'none', 'every' or a layer period >= 1")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1 (ZeRO holds the offloaded state)")
-    if cfg.init_from is not None:
-        path = Path(cfg.init_from)
-        if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
-            raise ConfigError(
-                f"init_from={cfg.init_from}: not a hybridlm model directory (needs {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE}, as written by save_pretrained or a checkpoint)"
-            )

@@ -3,7 +3,13 @@
 One loop for one process and for N: DeepSpeed (``engine.py``) owns the distribution, this file
 owns the order of things. Components do one job each: ``optim`` (param groups, schedules),
 ``checkpoint`` (consolidated atomic saves, resume), ``metrics`` (bar, jsonl, plots), ``faults``
-(signals, non-finite steps, config checks).
+(signals, non-finite steps, config checks), ``init_from`` (starting from a hybridlm or HF checkpoint),
+``lora`` (freezing and LoRA adapters, imported only when ``finetune:`` asks for them).
+
+Fine-tuning is the same loop: ``init_from`` gives the architecture, the weights and the tokenizer;
+``finetune:`` adapts the model after those weights are loaded and before the optimizer sees it (only
+trainable parameters go to AdamW); instruction data is packed by ``prepare`` with a loss mask, so the
+training and validation losses are over response tokens. A LoRA run exports merged weights.
 """
 
 from __future__ import annotations
@@ -21,8 +27,17 @@ import numpy as np
 import torch
 
 from hybridlm import ops
-from hybridlm.config import ConfigError, ModelConfig, RunConfig, load_run_config
-from hybridlm.data.loader import PackedLoader
+from hybridlm.config import (
+    ConfigError,
+    FinetuneConfig,
+    LoRAConfig,
+    ModelConfig,
+    RunConfig,
+    load_run_config,
+    validate_run,
+)
+from hybridlm.data.instruct import check_vocab
+from hybridlm.data.loader import PackedLoader, read_manifest
 from hybridlm.data.prepare import prepare
 from hybridlm.data.tokenizer import load_tokenizer
 from hybridlm.flops import flops_per_token, peak_flops
@@ -30,10 +45,18 @@ from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE, HybridLM
 from hybridlm.train import checkpoint as ckpt_io
 from hybridlm.train.engine import barrier, build_engine, deepspeed_config, init_distributed, resolve_precision
 from hybridlm.train.faults import StopRequest, TrainingDiverged, check_train_config, poison_if_nonfinite
+from hybridlm.train.init_from import (
+    InitSource,
+    config_diff,
+    load_init_weights,
+    reconcile_model,
+    resolve_init_from,
+    with_checkpoint_tokenizer,
+)
 from hybridlm.train.metrics import MetricsLogger, ProgressBar, memory_gb, plot_loss, say, truncate_metrics
 from hybridlm.train.optim import AdamW, lr_at, param_groups, set_lr
 
-MODEL_DIR = "model"
+MODEL_DIR = ckpt_io.MODEL_DIR
 
 
 def run_train(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -44,40 +67,91 @@ def run_train(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train ``cfg`` to ``train.max_steps`` (or until a signal), leaving checkpoints, metrics, plot and model."""
     check_train_config(cfg)
+    source = resolve_init_from(cfg.init_from) if cfg.init_from else None
+    resume_from = ckpt_io.resolve_resume(cfg.resume, cfg.out_dir)
+    trainer_state = ckpt_io.read_trainer_state(resume_from) if resume_from else {}
     rank, world_size, device = init_distributed()
     ops.set_kernels(cfg.kernels)
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.train, device)
+    if source is not None:
+        cfg, note = with_checkpoint_tokenizer(cfg, source)
+        if note:
+            say(note, rank)
+    # Architecture (and weights) first when starting from a checkpoint: a config that contradicts it
+    # fails before the data is prepared.
+    model_cfg, init_weights = checkpoint_model(cfg, source, trainer_state) if source else (None, None)
     prepared = _prepare_data(cfg, rank)
     tokenizer = load_tokenizer(prepared)
-    model_cfg = fit_vocab(cfg.model, len(tokenizer), rank)
-    resume_from = ckpt_io.resolve_resume(cfg.resume, cfg.out_dir)
-    trainer_state = ckpt_io.read_trainer_state(resume_from) if resume_from else {}
+    if model_cfg is None:
+        model_cfg = fit_vocab(cfg.model, len(tokenizer), rank)
+    else:
+        check_vocab(model_cfg, tokenizer, source.tokenizer_dir or cfg.init_from)
     if resume_from:
-        check_same_model(trainer_state, model_cfg, resume_from)
-    engine = build_training_engine(cfg, model_cfg, world_size, precision, resume_from)
-    run = Run(cfg, model_cfg, engine, prepared, rank, world_size, device, precision)
+        check_resumable(trainer_state, model_cfg, cfg.finetune, resume_from)
+    engine = build_training_engine(cfg, model_cfg, world_size, precision, resume_from, init_weights)
+    del init_weights  # the model holds its own copy now
+    run = Run(cfg, model_cfg, engine, prepared, tokenizer, rank, world_size, device, precision)
     if resume_from:
         run.restore(resume_from, trainer_state)
-    run.start(resume_from, tokenizer)
+    run.start(resume_from, source)
     try:
-        return run.finish(run.loop(), tokenizer)
+        return run.finish(run.loop())
     finally:
         run.close()
 
 
-def build_training_engine(cfg: RunConfig, model_cfg: ModelConfig, world_size: int, precision: str, resume_from):
-    """The model (weights from the checkpoint or ``init_from`` if given), our AdamW, and the DeepSpeed engine."""
+def checkpoint_model(
+    cfg: RunConfig, source: InitSource, trainer_state: dict[str, Any]
+) -> tuple[ModelConfig, dict[str, torch.Tensor] | None]:
+    """The architecture of ``init_from`` (reconciled with the run config's ``model:``) and its weights; when
+    resuming, the architecture the checkpoint recorded and no weights (the checkpoint's replace them)."""
+    if trainer_state:
+        ckpt_cfg, weights = ModelConfig.from_dict(trainer_state["run_config"]["model"]), None
+    else:
+        ckpt_cfg, weights = load_init_weights(source)
+    model_cfg = reconcile_model(cfg.model, ckpt_cfg, cfg.init_from)
+    try:  # the config was validated against its own model: section; check it against the checkpoint's
+        validate_run(dataclasses.replace(cfg, model=model_cfg))
+    except ConfigError as e:
+        raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
+    return model_cfg, weights
+
+
+def build_training_engine(
+    cfg: RunConfig,
+    model_cfg: ModelConfig,
+    world_size: int,
+    precision: str,
+    resume_from: Path | None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+):
+    """The model, our AdamW over its trainable parameters, and the DeepSpeed engine.
+
+    Order: build, load ``init_weights`` (plain names), adapt per ``finetune:`` (LoRA renames the adapted
+    layers' weights), then load a resumed checkpoint, which holds the adapted names.
+    """
     t = cfg.train
     model = HybridLM(model_cfg)
-    if resume_from or cfg.init_from:
-        source = resume_from or Path(cfg.init_from)
-        load_into(model, ckpt_io.load_weights(source), "resume" if resume_from else "init_from", source)
+    if init_weights is not None:
+        load_into(model, init_weights, "init_from", Path(cfg.init_from))
+    model = adapt_for_finetuning(model, cfg.finetune)
+    if resume_from:
+        load_into(model, ckpt_io.load_weights(resume_from), "resume", resume_from)
     model.checkpoint_every = {"none": 0, "every": 1}.get(t.activation_checkpointing, t.activation_checkpointing)
     optimizer = AdamW(
         param_groups(model, t.weight_decay), guard=t.zero_stage == 0, clip=t.grad_clip, lr=t.lr, betas=t.betas, eps=1e-8
     )
     return build_engine(model, optimizer, deepspeed_config(t, world_size, precision, model))
+
+
+def adapt_for_finetuning(model: HybridLM, finetune: FinetuneConfig) -> HybridLM:
+    """``finetune:`` applied (LoRA adapters, frozen parameters); the model untouched when it asks for neither."""
+    if finetune.lora.r == 0 and not finetune.freeze:
+        return model
+    from hybridlm.train.lora import apply_finetune  # peft: slow to import, and an optional dependency
+
+    return apply_finetune(model, finetune)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,12 +163,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _prepare_data(cfg: RunConfig, rank: int) -> Path:
-    """Rank 0 prepares (idempotent); the others wait, then find the prepared directory."""
+    """Rank 0 prepares (idempotent); the others wait, then find the prepared directory. Instruction data is
+    packed into rows of ``train.seq_len`` here (text data ignores it)."""
     if rank == 0:
-        prepared = prepare(cfg.data)
+        prepared = prepare(cfg.data, seq_len=cfg.train.seq_len)
     barrier()
     if rank != 0:
-        prepared = prepare(cfg.data)
+        prepared = prepare(cfg.data, seq_len=cfg.train.seq_len)
     return prepared
 
 
@@ -109,20 +184,17 @@ def fit_vocab(model_cfg: ModelConfig, tokenizer_vocab: int, rank: int = 0) -> Mo
     return dataclasses.replace(model_cfg, vocab_size=tokenizer_vocab)
 
 
-def check_same_model(trainer_state: dict[str, Any], model_cfg: ModelConfig, ckpt: Path) -> None:
-    """Resuming needs the architecture the checkpoint was trained with; name the first key that differs."""
-    first = next(_diff(trainer_state["run_config"]["model"], model_cfg.to_dict(), "model"), None)
-    if first is not None:
-        key, (saved, now) = first
-        raise ConfigError(f"resume={ckpt}: the checkpoint has {key}={saved!r} but this config has {now!r}")
-
-
-def _diff(a: Any, b: Any, prefix: str):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _diff(a.get(key), b.get(key), f"{prefix}.{key}")
-    elif a != b:
-        yield prefix, (a, b)
+def check_resumable(trainer_state: dict[str, Any], model_cfg: ModelConfig, finetune: FinetuneConfig, ckpt: Path):
+    """Resuming needs the architecture and the ``finetune:`` setup (which parameters exist and train) the
+    checkpoint was trained with; name the first key that differs."""
+    saved = trainer_state["run_config"]
+    differences = (
+        *config_diff(saved["model"], model_cfg.to_dict(), "model"),
+        *config_diff(saved.get("finetune", {}), dataclasses.asdict(finetune), "finetune"),
+    )
+    if differences:
+        key, (then, now) = differences[0]
+        raise ConfigError(f"resume={ckpt}: the checkpoint has {key}={then!r} but this config has {now!r}")
 
 
 def load_into(model: HybridLM, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
@@ -147,9 +219,11 @@ def load_into(model: HybridLM, state: dict[str, torch.Tensor], what: str, source
 class Run:
     """State of one training run on one rank, and the steps of its loop."""
 
-    def __init__(self, cfg, model_cfg, engine, prepared, rank, world_size, device, precision):
+    def __init__(self, cfg, model_cfg, engine, prepared, tokenizer, rank, world_size, device, precision):
         self.cfg, self.model_cfg, self.engine = cfg, model_cfg, engine
-        self.prepared, self.rank, self.world_size, self.device = prepared, rank, world_size, device
+        self.prepared, self.tokenizer = prepared, tokenizer
+        self.manifest = read_manifest(prepared)
+        self.rank, self.world_size, self.device = rank, world_size, device
         self.precision = precision
         self.out_dir = Path(cfg.out_dir)
         t = cfg.train
@@ -174,7 +248,7 @@ class Run:
         if rng is not None:  # None: the checkpoint was written by fewer ranks
             ckpt_io.restore_rng(rng)
 
-    def start(self, resume_from: Path | None, tokenizer) -> None:
+    def start(self, resume_from: Path | None, source: InitSource | None) -> None:
         """Record the resolved config, drop metrics past the resumed step, and say what is about to run."""
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,22 +256,26 @@ class Run:
             (self.out_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
             truncate_metrics(self.out_dir, self.step)
         t, m = self.cfg.train, self.model_cfg
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
         kernels = ops.kernel_table(self.device)
         lines = [
-            f"model: {n_params / 1e6:.2f}M parameters, layers {m.layers}, "
-            f"vocab {m.vocab_size} (tokenizer {len(tokenizer)})",
+            f"model: {_count(self.engine.module.parameters()) / 1e6:.2f}M parameters, layers {m.layers}, "
+            f"vocab {m.vocab_size} (tokenizer {len(self.tokenizer)})",
             f"engine: DeepSpeed ZeRO-{t.zero_stage}, {self.world_size} rank(s) on {self.device.type}, "
             f"precision {self.precision}, activation checkpointing {t.activation_checkpointing}",
             f"batch: {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum} accum x {self.world_size} ranks "
             f"= {self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOPs/token (train)",
             "kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()),
-            f"data: {self.prepared}",
+            describe_data(self.prepared, self.manifest),
         ]
+        finetune = self.cfg.finetune
+        if source is not None:
+            lines.append(f"architecture and tokenizer from init_from={source.describe()}")
+        if source is not None or finetune.lora.r > 0 or finetune.freeze:
+            lines.append(describe_finetune(finetune, self.engine.module))
         if resume_from:
             lines.append(f"resumed from {resume_from} at step {self.step}")
-        elif self.cfg.init_from:
-            lines.append(f"weights from init_from={self.cfg.init_from}")
+        elif source is not None:
+            lines.append(f"weights from init_from={source.describe()}")
         for line in lines:
             say(line, self.rank)
 
@@ -300,14 +378,16 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted validation loss over ``eval_batches`` batches per rank (the same batches every time)."""
+        """Token-weighted validation loss over ``eval_batches`` batches per rank (the same batches every time),
+        fewer when one pass over the split takes fewer; for instruction data, over the response tokens."""
         t = self.cfg.train
         val = PackedLoader(
             self.prepared, "val", t.seq_len, t.micro_batch_size, self.rank, self.world_size, self.cfg.seed
         )
+        one_pass = -(-val.num_rows // (t.micro_batch_size * self.world_size))  # the same on every rank
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for _ in range(t.eval_batches):
+        for _ in range(min(t.eval_batches, one_pass)):
             batch = {k: v.to(self.device) for k, v in val.next_batch().items()}
             out = self.engine(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
             n = (batch["labels"][:, 1:] != -100).sum()
@@ -335,7 +415,7 @@ class Run:
         }
         start = time.perf_counter()
         self.last_saved = ckpt_io.save_checkpoint(
-            self.out_dir, self.step, self.engine, self.model_cfg, state, self.cfg.train.keep_last
+            self.out_dir, self.step, self.engine, self.model_cfg, state, self.cfg.train.keep_last, self.tokenizer
         )
         say(f"checkpoint {self.last_saved} written in {time.perf_counter() - start:.1f}s", self.rank)
         return self.last_saved
@@ -348,7 +428,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------------
 
-    def finish(self, result: dict[str, Any], tokenizer) -> dict[str, Any]:
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
         """Final checkpoint, validation, consolidated model export, loss plot and a generated sample."""
         final = {"step": self.step, "loss": self.last_loss, "tokens": self.tokens_seen, **result}
         final["skipped_steps"] = self.skipped_total
@@ -364,13 +444,14 @@ class Run:
             return final
         final.update(self.evaluate_and_log())
         if self.rank == 0:
-            final["model_dir"] = str(export_model(self.last_saved, tokenizer, self.out_dir / MODEL_DIR))
+            model_dir = export_model(
+                self.last_saved, self.tokenizer, self.out_dir / MODEL_DIR, self.model_cfg, self.cfg.finetune.lora
+            )
+            final["model_dir"] = str(model_dir)
             plot = plot_loss(self.out_dir)
             final["loss_plot"] = str(plot) if plot else None
             if self.cfg.train.sample_tokens:
-                final["sample"] = generate_sample(
-                    self.out_dir / MODEL_DIR, tokenizer, self.prepared, self.cfg, self.device
-                )
+                final["sample"] = generate_sample(model_dir, self.tokenizer, self.prepared, self.cfg, self.device)
                 say(f"sample:\n{final['sample']}", self.rank)
             say(
                 f"done: step {self.step}, val perplexity {final['val_ppl']:.2f}, model in {final['model_dir']}",
@@ -404,13 +485,20 @@ class Window:
         return time.perf_counter() - self.start
 
 
-def export_model(ckpt: Path, tokenizer, out: Path) -> Path:
-    """``out`` = the checkpoint's weights in save_pretrained format plus the tokenizer files."""
+def export_model(ckpt: Path, tokenizer, out: Path, model_cfg: ModelConfig, lora: LoRAConfig | None = None) -> Path:
+    """``out`` = the checkpoint's weights in save_pretrained format plus the tokenizer files. With LoRA
+    (``lora.r > 0``) the adapters are merged: plain HybridLM names, as ``from_pretrained`` and
+    ``convert to-hf`` expect."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copy2(ckpt / name, tmp / name)
+    if lora is not None and lora.r > 0:
+        from hybridlm.train.lora import merge_lora_weights
+
+        ckpt_io.write_weights(tmp, merge_lora_weights(ckpt_io.load_weights(ckpt), lora), model_cfg)
+    else:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(ckpt / name, tmp / name)
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -418,13 +506,58 @@ def export_model(ckpt: Path, tokenizer, out: Path) -> Path:
 
 
 def generate_sample(model_dir: Path, tokenizer, prepared: Path, cfg: RunConfig, device: torch.device) -> str:
-    """Continue the first tokens of the validation split with the exported model."""
+    """Continue the start of the validation split with the exported model: its first 16 tokens (text data),
+    or its first example's prompt, answered greedily up to EOS (instruction data)."""
     model = HybridLM.from_pretrained(model_dir, device=device)
-    val = PackedLoader(prepared, "val", min(16, cfg.train.seq_len), 1)
-    prompt = val.next_batch()["input_ids"].to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(prompt, cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=generator)
+    if read_manifest(prepared)["kind"] == "instruct":
+        prompt = first_val_prompt(prepared, cfg.train.seq_len).to(device)
+        out = model.generate(prompt, cfg.train.sample_tokens, temperature=0.0, eos_token_id=tokenizer.eos_token_id)
+    else:
+        prompt = PackedLoader(prepared, "val", min(16, cfg.train.seq_len), 1).next_batch()["input_ids"].to(device)
+        out = model.generate(prompt, cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=generator)
     return tokenizer.decode(prompt[0]) + " ⟶ " + tokenizer.decode(out[0, prompt.shape[1] :])
+
+
+def first_val_prompt(prepared: Path, seq_len: int) -> torch.Tensor:
+    """(1, n) tokens of the first validation example up to its first response token (its first label != -100)."""
+    row = PackedLoader(prepared, "val", seq_len, 1, shuffle=False).next_batch()
+    first_response = int((row["labels"][0] != -100).nonzero()[0])  # the row starts with its first example
+    return row["input_ids"][:, :first_response]
+
+
+def describe_data(prepared: Path, manifest: dict[str, Any]) -> str:
+    """The start-up line about the data; for instruction data its examples and every overlong decision."""
+    if manifest.get("kind") != "instruct":
+        return f"data: {prepared}"
+    info, splits = manifest["instruct"], manifest["splits"]
+    over = info["overlong"]
+    return (
+        f"data: {prepared} (instruct: {splits['train']['documents']} train / {splits['val']['documents']} val "
+        f"examples in {splits['train']['rows']} + {splits['val']['rows']} rows, chat template {info['chat_template']}, "
+        f"{info['response_tokens']} response tokens; longer than seq_len {over['seq_len']}: {over['truncated']} "
+        f"truncated, {over['dropped']} dropped (data.overlong={over['policy']}))"
+    )
+
+
+def describe_finetune(finetune: FinetuneConfig, module: torch.nn.Module) -> str:
+    """The start-up line about what trains: everything, LoRA adapters, or all but the frozen parameters."""
+    params = list(module.parameters())
+    trainable = _count(p for p in params if p.requires_grad)
+    share = f"{trainable / 1e6:.3f}M of {_count(params) / 1e6:.2f}M parameters train"
+    parts = []
+    if finetune.lora.r > 0:
+        adapted = sum(name.endswith(".lora_A.default.weight") for name, _ in module.named_parameters())
+        lora = finetune.lora
+        parts.append(f"LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {adapted} modules")
+    if finetune.freeze:
+        parts.append(f"frozen: {', '.join(finetune.freeze)}")
+    return f"finetune: {'; '.join(parts) or 'all parameters (full fine-tuning)'}; {share}"
+
+
+def _count(params) -> int:
+    """Elements of ``params`` (their full size under ZeRO-3, where each rank holds a partition)."""
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
 
 
 def _number(x: Any) -> float | None:
