@@ -356,6 +356,8 @@ def validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"data.sources[{i}] needs exactly one of path, hf_dataset or task")
         if s.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+        if s.task is not None:
+            _validate_task_source(cfg, i, s)
     for i, pattern in enumerate(cfg.finetune.freeze):
         try:
             re.compile(pattern)
@@ -370,6 +372,18 @@ def validate_run(cfg: RunConfig) -> None:
             f"train.seq_len={t.seq_len} must be a multiple of model.mamba.chunk_size={m.mamba.chunk_size} "
             "(SSD chunked scan)"
         )
+
+
+def _validate_task_source(cfg: RunConfig, i: int, source: SourceConfig) -> None:
+    from hybridlm.eval.tasks import check_mqar
+
+    if len(cfg.data.sources) > 1:
+        raise ConfigError(f"data.sources[{i}].task={source.task!r} must be the only source (it is not text to mix)")
+    pairs = [source.n_pairs] if isinstance(source.n_pairs, int) else source.n_pairs
+    try:
+        check_mqar(cfg.model.vocab_size, cfg.train.seq_len, pairs, source.power_a)
+    except ValueError as e:
+        raise ConfigError(f"data.sources[{i}] (task {source.task}, model.vocab_size, train.seq_len): {e}") from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

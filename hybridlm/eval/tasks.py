@@ -53,7 +53,7 @@ class MQARTask:
         self.vocab_size, self.seq_len, self.seed, self.power_a = vocab_size, seq_len, seed, power_a
         self.key_range = (1, vocab_size // 2)  # token 0 is never a key: Zoology's layout
         self.value_range = (vocab_size // 2, vocab_size)
-        _check_mqar(vocab_size, seq_len, self.pairs_choices, power_a)
+        check_mqar(vocab_size, seq_len, self.pairs_choices, power_a)
 
     @property
     def chance(self) -> float:
@@ -67,7 +67,7 @@ class MQARTask:
         return mqar_rows(rng, batch_size, self.seq_len, n_pairs, self.vocab_size, self.power_a)
 
 
-def _check_mqar(vocab_size: int, seq_len: int, pairs_choices: list[int], power_a: float) -> None:
+def check_mqar(vocab_size: int, seq_len: int, pairs_choices: list[int], power_a: float) -> None:
     if vocab_size < 4:
         raise ValueError(f"mqar vocab_size={vocab_size} must be at least 4 (keys and values)")
     n_keys, n_values = vocab_size // 2 - 1, vocab_size - vocab_size // 2

@@ -33,6 +33,7 @@ from hybridlm.config import (
     LoRAConfig,
     ModelConfig,
     RunConfig,
+    SourceConfig,
     load_run_config,
     validate_run,
 )
@@ -43,6 +44,7 @@ from hybridlm.data.tokenizer import load_tokenizer
 from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE, HybridLM
 from hybridlm.train import checkpoint as ckpt_io
+from hybridlm.train.data import make_loader, task_source
 from hybridlm.train.engine import barrier, build_engine, deepspeed_config, init_distributed, resolve_precision
 from hybridlm.train.faults import StopRequest, TrainingDiverged, check_train_config, poison_if_nonfinite
 from hybridlm.train.init_from import (
@@ -81,12 +83,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     # Architecture (and weights) first when starting from a checkpoint: a config that contradicts it
     # fails before the data is prepared.
     model_cfg, init_weights = checkpoint_model(cfg, source, trainer_state) if source else (None, None)
-    prepared = _prepare_data(cfg, rank)
-    tokenizer = load_tokenizer(prepared)
-    if model_cfg is None:
-        model_cfg = fit_vocab(cfg.model, len(tokenizer), rank)
+    if task_source(cfg) is not None:  # a synthetic task: token ids are the task's own, no tokenizer
+        prepared = tokenizer = None
+        model_cfg = model_cfg or cfg.model
     else:
-        check_vocab(model_cfg, tokenizer, source.tokenizer_dir or cfg.init_from)
+        prepared = _prepare_data(cfg, rank)
+        tokenizer = load_tokenizer(prepared)
+        if model_cfg is None:
+            model_cfg = fit_vocab(cfg.model, len(tokenizer), rank)
+        else:
+            check_vocab(model_cfg, tokenizer, source.tokenizer_dir or cfg.init_from)
     if resume_from:
         check_resumable(trainer_state, model_cfg, cfg.finetune, resume_from)
     engine = build_training_engine(cfg, model_cfg, world_size, precision, resume_from, init_weights)
@@ -222,12 +228,12 @@ class Run:
     def __init__(self, cfg, model_cfg, engine, prepared, tokenizer, rank, world_size, device, precision):
         self.cfg, self.model_cfg, self.engine = cfg, model_cfg, engine
         self.prepared, self.tokenizer = prepared, tokenizer
-        self.manifest = read_manifest(prepared)
+        self.manifest = read_manifest(prepared) if prepared is not None else {"kind": "task"}
         self.rank, self.world_size, self.device = rank, world_size, device
         self.precision = precision
         self.out_dir = Path(cfg.out_dir)
         t = cfg.train
-        self.loader = PackedLoader(prepared, "train", t.seq_len, t.micro_batch_size, rank, world_size, cfg.seed)
+        self.loader = make_loader(cfg, model_cfg, prepared, "train", rank, world_size)
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * world_size * t.seq_len
         self.flops_per_token = flops_per_token(model_cfg, t.seq_len)["total"]
         self.peak = peak_flops(device)
@@ -259,13 +265,13 @@ class Run:
         kernels = ops.kernel_table(self.device)
         lines = [
             f"model: {_count(self.engine.module.parameters()) / 1e6:.2f}M parameters, layers {m.layers}, "
-            f"vocab {m.vocab_size} (tokenizer {len(self.tokenizer)})",
+            f"vocab {m.vocab_size}" + (f" (tokenizer {len(self.tokenizer)})" if self.tokenizer is not None else ""),
             f"engine: DeepSpeed ZeRO-{t.zero_stage}, {self.world_size} rank(s) on {self.device.type}, "
             f"precision {self.precision}, activation checkpointing {t.activation_checkpointing}",
             f"batch: {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum} accum x {self.world_size} ranks "
             f"= {self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOPs/token (train)",
             "kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()),
-            describe_data(self.prepared, self.manifest),
+            describe_data(self.prepared, self.manifest, task_source(self.cfg)),
         ]
         finetune = self.cfg.finetune
         if source is not None:
@@ -337,7 +343,7 @@ class Run:
         aux_sum = None
         for _ in range(t.grad_accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()}
-            out = engine(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+            out = engine(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
             total = out.loss if out.aux_loss is None else out.loss + aux_weight * out.aux_loss
             engine.backward(poison_if_nonfinite(total))  # DeepSpeed divides by grad_accum
             engine.step()  # applies the update on the last micro-batch only
@@ -381,15 +387,14 @@ class Run:
         """Token-weighted validation loss over ``eval_batches`` batches per rank (the same batches every time),
         fewer when one pass over the split takes fewer; for instruction data, over the response tokens."""
         t = self.cfg.train
-        val = PackedLoader(
-            self.prepared, "val", t.seq_len, t.micro_batch_size, self.rank, self.world_size, self.cfg.seed
-        )
-        one_pass = -(-val.num_rows // (t.micro_batch_size * self.world_size))  # the same on every rank
+        val = make_loader(self.cfg, self.model_cfg, self.prepared, "val", self.rank, self.world_size)
+        rows = getattr(val, "num_rows", None)  # a synthetic task's split has no end
+        one_pass = -(-rows // (t.micro_batch_size * self.world_size)) if rows else t.eval_batches
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(min(t.eval_batches, one_pass)):
             batch = {k: v.to(self.device) for k, v in val.next_batch().items()}
-            out = self.engine(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+            out = self.engine(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"])
             n = (batch["labels"][:, 1:] != -100).sum()
             sums += torch.stack([out.loss.double() * n, n.double()])
         self.engine.train()
@@ -450,7 +455,7 @@ class Run:
             final["model_dir"] = str(model_dir)
             plot = plot_loss(self.out_dir)
             final["loss_plot"] = str(plot) if plot else None
-            if self.cfg.train.sample_tokens:
+            if self.cfg.train.sample_tokens and self.tokenizer is not None:
                 final["sample"] = generate_sample(model_dir, self.tokenizer, self.prepared, self.cfg, self.device)
                 say(f"sample:\n{final['sample']}", self.rank)
             say(
@@ -499,7 +504,8 @@ def export_model(ckpt: Path, tokenizer, out: Path, model_cfg: ModelConfig, lora:
     else:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy2(ckpt / name, tmp / name)
-    tokenizer.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -526,8 +532,10 @@ def first_val_prompt(prepared: Path, seq_len: int) -> torch.Tensor:
     return row["input_ids"][:, :first_response]
 
 
-def describe_data(prepared: Path, manifest: dict[str, Any]) -> str:
+def describe_data(prepared: Path | None, manifest: dict[str, Any], task: SourceConfig | None = None) -> str:
     """The start-up line about the data; for instruction data its examples and every overlong decision."""
+    if task is not None:
+        return f"data: synthetic task {task.task} (n_pairs {task.n_pairs}), generated on the fly from the seed"
     if manifest.get("kind") != "instruct":
         return f"data: {prepared}"
     info, splits = manifest["instruct"], manifest["splits"]
