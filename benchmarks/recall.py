@@ -39,7 +39,6 @@ NAMES = ("mamba2", "hybrid-1to7", "hybrid-1to3", "transformer")
 
 FULL = {
     "overrides": [],
-    "train_pairs": [4, 8, 16, 32, 64],
     "eval_seq_lens": [128, 256, 512, 1024],
     "eval_pairs": [4, 8, 16, 32, 64, 128],
     "samples": 256,
@@ -58,8 +57,8 @@ SMALL = {
         "train.max_steps=600",
         "train.warmup_steps=30",
         "train.lr=3e-3",
+        "data.sources=[{task: mqar, n_pairs: [2, 4, 8]}]",
     ],
-    "train_pairs": [2, 4, 8],
     "eval_seq_lens": [32, 64, 128],
     "eval_pairs": [2, 4, 8, 16],
     "samples": 128,
@@ -173,18 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_variant(names, args.small, args.set)
 
     first = next(iter(runs.values())).train
+    train_pairs = next(iter(runs.values())).data.sources[0].n_pairs  # the configs' MQAR source decides
     results: dict = {
         "variant": "small" if args.small else "full",
         "device": str(device),
         "tokens_per_model": first.max_steps * first.micro_batch_size * first.grad_accum * first.seq_len,
-        "train_pairs": variant["train_pairs"],
+        "train_pairs": train_pairs,
         "models": {},
     }
     for name, run in runs.items():
         torch.manual_seed(run.seed)
         model = HybridLM(run.model).to(device)
         print(f"{name}: pattern {run.model.layers}, {model.num_parameters():,} parameters, d_ff {run.model.mlp.d_ff}")
-        trained = train_mqar(model, run, variant["train_pairs"], device, args.log_every)
+        trained = train_mqar(model, run, train_pairs, device, args.log_every)
         rows = evaluate_mqar(
             model, run.model.vocab_size, variant["eval_seq_lens"], variant["eval_pairs"], variant["samples"], seed=1
         )
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_grid(rows, "seq_len", "n_pairs", f"{name}: MQAR accuracy; columns: n_pairs") + "\n")
 
     seq_len = first.seq_len
-    pairs_at = sorted(variant["train_pairs"])[len(variant["train_pairs"]) // 2]
+    pairs_at = sorted(train_pairs)[len(train_pairs) // 2]
     print(slice_table(results, "n_pairs", "seq_len", seq_len, f"MQAR accuracy at seq_len {seq_len}; columns: n_pairs"))
     print()
     print(slice_table(results, "seq_len", "n_pairs", pairs_at, f"MQAR accuracy at {pairs_at} pairs; columns: seq_len"))
