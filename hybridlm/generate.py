@@ -7,16 +7,18 @@ from pathlib import Path
 import torch
 
 from hybridlm.model import HybridLM
-from hybridlm.model.model import CONFIG_FILE
+from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A save_pretrained directory, or a run / checkpoint directory holding one under ``model/``."""
     path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_FILE).is_file():
+    for candidate in (path, path / "model"):  # a run dir has a config.json of its own: look for the weights too
+        if (candidate / CONFIG_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: no {CONFIG_FILE} here or in {path / 'model'}; not a hybridlm checkpoint")
+    raise FileNotFoundError(
+        f"{path}: no {CONFIG_FILE} + {WEIGHTS_FILE} here or in {path / 'model'}; not a hybridlm checkpoint"
+    )
 
 
 def load_tokenizer_from(model_dir: Path):
