@@ -349,6 +349,7 @@ def validate_run(cfg: RunConfig) -> None:
     _positive(t, "train", ["max_steps", "micro_batch_size", "grad_accum", "seq_len"])
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    _validate_train(t)
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     for i, s in enumerate(cfg.data.sources):
@@ -372,6 +373,34 @@ def validate_run(cfg: RunConfig) -> None:
             f"train.seq_len={t.seq_len} must be a multiple of model.mamba.chunk_size={m.mamba.chunk_size} "
             "(SSD chunked scan)"
         )
+
+
+def _validate_train(t: TrainConfig) -> None:
+    """Ranges of the ``train:`` keys the loop needs (``init_from`` is checked by ``train.init_from``)."""
+    rules = [
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
+        ("train.min_lr_ratio", t.min_lr_ratio, 0.0 <= t.min_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("train.decay_fraction", t.decay_fraction, 0.0 < t.decay_fraction <= 1.0, "must be in (0, 1]"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+        ("train.betas", list(t.betas), all(0.0 <= b < 1.0 for b in t.betas), "must both be in [0, 1)"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
+        ("train.save_every", t.save_every, t.save_every >= 0, "must be >= 0 (0 = only at the end)"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, "must be >= 0 (0 = only at the end)"),
+        ("train.keep_last", t.keep_last, t.keep_last >= 1, "must be >= 1"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches >= 1, "must be >= 1"),
+        ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1"),
+        ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps >= 1, "must be >= 1"),
+        ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
+        ("train.seq_len", t.seq_len, t.seq_len >= 2, "must be >= 2 (an input and a target)"),
+    ]
+    for key, value, ok, why in rules:
+        if not ok:
+            raise ConfigError(f"{key}={value} {why}")
+    ac = t.activation_checkpointing
+    if isinstance(ac, int) and ac < 1:
+        raise ConfigError(f"train.activation_checkpointing={ac} must be 'none', 'every' or a layer period >= 1")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1 (ZeRO holds the offloaded state)")
 
 
 def _validate_task_source(cfg: RunConfig, i: int, source: SourceConfig) -> None:

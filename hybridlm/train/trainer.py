@@ -46,7 +46,7 @@ from hybridlm.model.model import CONFIG_FILE, WEIGHTS_FILE, HybridLM
 from hybridlm.train import checkpoint as ckpt_io
 from hybridlm.train.data import make_loader, task_source
 from hybridlm.train.engine import barrier, build_engine, deepspeed_config, init_distributed, resolve_precision
-from hybridlm.train.faults import StopRequest, TrainingDiverged, check_train_config, poison_if_nonfinite
+from hybridlm.train.faults import StopRequest, TrainingDiverged, poison_if_nonfinite
 from hybridlm.train.init_from import (
     InitSource,
     config_diff,
@@ -68,7 +68,6 @@ def run_train(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train ``cfg`` to ``train.max_steps`` (or until a signal), leaving checkpoints, metrics, plot and model."""
-    check_train_config(cfg)
     source = resolve_init_from(cfg.init_from) if cfg.init_from else None
     resume_from = ckpt_io.resolve_resume(cfg.resume, cfg.out_dir)
     trainer_state = ckpt_io.read_trainer_state(resume_from) if resume_from else {}
