@@ -72,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser("bench", help="training / decode throughput against mamba_ssm, HF Bamba / Llama, a transformer")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--shapes", default="8x4096,2x16384,1x32768", help="batch x seq list")
+    p.add_argument("--systems", default=None, help="comma list (default: every importable system)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--decode", action="store_true", help="also time generation after a long prompt")
+    p.add_argument("--decode-prompt", type=int, default=32768)
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--longest", action="store_true", help="search the longest single sequence that trains (GPU)")
+    p.add_argument("--out", default="benchmarks/results/bench.jsonl")
+    p.set_defaults(func=_bench)
+
     p = sub.add_parser("convert", help="convert to / from Hugging Face transformers formats")
     conv = p.add_subparsers(dest="direction", required=True)
     c = conv.add_parser("to-hf", help="export a hybridlm checkpoint as a native transformers model")
@@ -214,6 +228,26 @@ def _inspect(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         keep_states=args.keep_states,
         device=args.device,
+    )
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hybridlm.bench import parse_shapes, run_bench
+
+    run_bench(
+        args.config,
+        args.overrides,
+        parse_shapes(args.shapes),
+        args.systems.split(",") if args.systems else None,
+        args.warmup,
+        args.steps,
+        args.decode,
+        Path(args.out),
+        longest=args.longest,
+        decode_prompt=args.decode_prompt,
+        decode_tokens=args.decode_tokens,
     )
 
 

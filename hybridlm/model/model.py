@@ -68,7 +68,10 @@ class HybridLM(nn.Module):
         doc_ids: torch.Tensor | None = None,  # (batch, seqlen): packed documents never see each other
         labels: torch.Tensor | None = None,  # (batch, seqlen), aligned with input_ids; shifted here
         cache: InferenceCache | None = None,
+        num_last_tokens: int = 0,  # > 0: logits of the last positions only (prefill needs one, not (B, T, V))
     ) -> LMOutput:
+        if num_last_tokens and labels is not None:
+            raise ValueError("num_last_tokens drops the logits the loss needs: pass labels or num_last_tokens")
         if cache is not None and cache.seqlen_offset > 0 and input_ids.shape[1] > 1:
             # Mamba layers step one token at a time once a cache holds state
             steps = [self(input_ids[:, t : t + 1], cache=cache).logits for t in range(input_ids.shape[1])]
@@ -80,6 +83,8 @@ class HybridLM(nn.Module):
                 h = checkpoint(block, h, ctx, use_reentrant=False)
             else:
                 h = block(h, ctx)
+        if num_last_tokens:
+            h = h[:, -num_last_tokens:]
         logits = self.lm_head(self.norm_f(h))[..., : self.cfg.vocab_size]
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
@@ -118,7 +123,7 @@ class HybridLM(nn.Module):
         was_training = self.training
         self.eval()
         cache = InferenceCache()
-        logits = self(input_ids, cache=cache).logits[:, -1]
+        logits = self(input_ids, cache=cache, num_last_tokens=1).logits[:, -1]
         tokens = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):

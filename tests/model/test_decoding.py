@@ -97,3 +97,13 @@ def test_sampling_filters():
     assert top2 == {1, 3}
     # nucleus: p(1)=0.64, p(3)=0.24 -> top_p=0.7 keeps exactly those two
     assert {sample(logits, 1.0, 0.7, 0, gen).item() for _ in range(200)} == {1, 3}
+
+
+def test_num_last_tokens_gives_the_last_positions_of_the_full_logits(tiny_model):
+    model = tiny_model(pattern="M-*-")
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24))
+
+    full = model(ids).logits
+    assert torch.allclose(model(ids, num_last_tokens=3).logits, full[:, -3:], atol=1e-6)
+    with pytest.raises(ValueError, match="num_last_tokens"):
+        model(ids, labels=ids, num_last_tokens=1)

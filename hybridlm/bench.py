@@ -1,0 +1,503 @@
+"""``hybridlm bench``: training and decode throughput of hybridlm against the anchors, one table.
+
+Every system is built with the same dimensions from one run config and measured in the same process:
+``hybridlm`` (our hybrid, fused ops on CUDA), ``hybridlm-transformer`` (our ``*-`` pattern with the same
+d_model, number of blocks and d_ff), and, when importable, ``mamba_ssm`` (``MambaLMHeadModel`` with
+attention layers), ``hf-bamba`` (``BambaForCausalLM``) and ``hf-llama`` (``LlamaForCausalLM``).
+Same dtype policy for all (bf16 autocast over fp32 parameters on CUDA, fp32 on CPU) and the same
+optimizer (AdamW, fused on CUDA). MFU uses ``hybridlm.flops`` for every system: the hybrid config's
+FLOPs per token for hybrid systems, the transformer config's for transformer systems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm import ops
+from hybridlm.config import ModelConfig, load_run_config, validate_model
+from hybridlm.convert.common import decoder_layers
+from hybridlm.flops import flops_per_token, peak_flops
+from hybridlm.model import HybridLM
+
+DEFAULT_SHAPES = [(8, 4096), (2, 16384), (1, 32768)]  # (batch, seq_len)
+DEFAULT_OUT = Path("benchmarks/results/bench.jsonl")
+DECODE_BATCHES = (1, 16)
+REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over each row's
+LONGEST_LIMIT = 1 << 20  # the doubling search for the longest sequence stops here
+
+
+@dataclass(frozen=True)
+class System:
+    """One benchmarked model: how to build it and how to get its training loss."""
+
+    name: str
+    family: str  # "hybrid" or "transformer": which config's FLOPs per token it is measured against
+    package: str | None  # a package it needs beyond hybridlm (None: always available)
+    build: Callable[[ModelConfig], nn.Module]  # takes the hybrid config
+    loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, input_ids) -> mean next-token loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Systems
+
+
+def transformer_config(cfg: ModelConfig) -> ModelConfig:
+    """The same-size pure transformer: one attention + MLP block per block of the hybrid, same widths."""
+    n_blocks = len(cfg.layers) // 2
+    tcfg = dataclasses.replace(cfg, pattern="*-" * n_blocks)
+    validate_model(tcfg)
+    return tcfg
+
+
+def _hybridlm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids, labels=input_ids).loss
+
+
+def _hf_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def _logits_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """mamba_ssm's model returns logits only; the loss is the same shifted cross-entropy."""
+    logits = model(input_ids).logits  # (batch, seqlen, padded_vocab)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def _build_mamba_ssm(cfg: ModelConfig) -> nn.Module:
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    m, a = cfg.mamba, cfg.attention
+    pairs = decoder_layers(cfg.layers)
+    config = MambaConfig(
+        d_model=cfg.d_model,
+        d_intermediate=cfg.d_ff,
+        n_layer=len(pairs),
+        vocab_size=cfg.vocab_size,
+        ssm_cfg={
+            "layer": "Mamba2",
+            "d_state": m.d_state,
+            "d_conv": m.d_conv,
+            "expand": m.expand,
+            "headdim": m.head_dim,
+            "ngroups": m.ngroups,
+            "chunk_size": m.chunk_size,
+        },
+        attn_layer_idx=[i for i, (mixer, _) in enumerate(pairs) if mixer == "*"],
+        attn_cfg={
+            "num_heads": a.n_heads,
+            "num_heads_kv": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
+            "rotary_emb_dim": cfg.rotary_dim,
+            "rotary_emb_base": a.rope_theta,
+            "qkv_proj_bias": a.bias,
+            "out_proj_bias": a.bias,
+            "causal": True,
+        },
+        rms_norm=True,
+        residual_in_fp32=True,
+        fused_add_norm=True,
+        pad_vocab_size_multiple=cfg.vocab_pad_multiple,
+        tie_embeddings=cfg.tie_embeddings,
+    )
+    return MambaLMHeadModel(config)
+
+
+def _build_hf_bamba(cfg: ModelConfig) -> nn.Module:
+    from transformers import BambaForCausalLM
+
+    from hybridlm.convert import bamba
+
+    return BambaForCausalLM(bamba.hf_config(cfg))
+
+
+def _build_hf_llama(cfg: ModelConfig) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    from hybridlm.convert import llama
+
+    return LlamaForCausalLM(llama.hf_config(transformer_config(cfg)))
+
+
+SYSTEMS = {
+    s.name: s
+    for s in (
+        System("hybridlm", "hybrid", None, HybridLM, _hybridlm_loss),
+        System("hybridlm-transformer", "transformer", None, lambda c: HybridLM(transformer_config(c)), _hybridlm_loss),
+        System("mamba_ssm", "hybrid", "mamba_ssm", _build_mamba_ssm, _logits_loss),
+        System("hf-bamba", "hybrid", "transformers", _build_hf_bamba, _hf_loss),
+        System("hf-llama", "transformer", "transformers", _build_hf_llama, _hf_loss),
+    )
+}
+
+
+def unavailable_reason(system: System, cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why ``system`` cannot be benchmarked for ``cfg`` on ``device`` (missing package, unexpressible
+    pattern, needs CUDA), or None when it can."""
+    if system.package is not None and importlib.util.find_spec(system.package) is None:
+        return f"{system.package} is not importable"
+    if system.name == "mamba_ssm":
+        if device.type != "cuda":
+            return "mamba_ssm's model runs on CUDA only"
+        pairs = decoder_layers(cfg.layers)
+        if pairs is None or any(ffn != "-" for _, ffn in pairs) or cfg.mamba.version != 2:
+            return "mamba_ssm's hybrid is decoder layers of Mamba-2 or attention then a dense MLP"
+        if "*" in cfg.layers and cfg.rotary_dim and importlib.util.find_spec("flash_attn") is None:
+            return "mamba_ssm's attention applies RoPE through flash_attn, which is not importable"
+    if system.name == "hf-bamba":
+        from hybridlm.convert import bamba
+
+        return bamba.can_express(cfg)
+    if system.name == "hf-llama":
+        from hybridlm.convert import llama
+
+        return llama.can_express(transformer_config(cfg))
+    return None
+
+
+def system_flops_per_token(system: System, cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of ``system``: the one FLOPs model, applied to the config of its family."""
+    family_cfg = cfg if system.family == "hybrid" else transformer_config(cfg)
+    return flops_per_token(family_cfg, seq_len)["total"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+def summarize_steps(step_seconds: list[float], batch: int, seq_len: int, flops: float, peak: float | None) -> dict:
+    """tokens/s from the median timed step (tokens per step = batch x seq_len) and MFU against ``peak``."""
+    tokens_per_step = batch * seq_len
+    tokens_per_second = tokens_per_step / statistics.median(step_seconds)
+    mfu = flops * tokens_per_second / peak if peak else None
+    return {"tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_second, "mfu": mfu}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def time_training_steps(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+) -> list[float]:
+    """Seconds of each timed training step (forward, backward, AdamW step), after ``warmup`` untimed ones."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model.train()
+    seconds = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        with _autocast(device):
+            loss = loss_fn(model, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1000
+        else:
+            elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            seconds.append(elapsed)
+    return seconds
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def measure_training(
+    system: System, cfg: ModelConfig, batch: int, seq_len: int, warmup: int, steps: int, device: torch.device
+) -> dict:
+    """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM"."""
+    row: dict[str, Any] = {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len}
+    row["flops_per_token"] = system_flops_per_token(system, cfg, seq_len)
+    _release(device)
+    _reset_peak(device)
+    model = None
+    try:
+        torch.manual_seed(0)
+        model = system.build(cfg).to(device)
+        input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
+        seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device)
+    except torch.OutOfMemoryError:
+        row.update(status="OOM", tokens_per_step=batch * seq_len, tokens_per_s=None, mfu=None)
+    else:
+        row.update(status="ok", **summarize_steps(seconds, batch, seq_len, row["flops_per_token"], peak_flops(device)))
+    row["peak_memory_bytes"] = _peak_bytes(device)
+    del model
+    _release(device)
+    return row
+
+
+def longest_sequence(
+    system: System, cfg: ModelConfig, start: int, device: torch.device, limit: int = LONGEST_LIMIT
+) -> dict | None:
+    """Double the sequence length (batch 1, one warm-up and one timed step) from ``start`` until out of
+    memory or ``limit``; the row of the longest that trained (mode "longest"), or None if ``start`` did not."""
+    best, seq_len = None, start
+    while seq_len <= limit:
+        row = measure_training(system, cfg, 1, seq_len, warmup=1, steps=1, device=device)
+        if row["status"] == "OOM":
+            break
+        best, seq_len = row, seq_len * 2
+    if best is not None:
+        best["mode"] = "longest"
+    return best
+
+
+def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.Module:
+    model = system.build(cfg).to(device).eval()
+    if device.type == "cuda":  # inference weights in bf16; HybridLM.cast keeps the SSM parameters fp32
+        model = model.cast(torch.bfloat16) if isinstance(model, HybridLM) else model.to(torch.bfloat16)
+    return model
+
+
+def _generate(system: System, model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
+    if system.name == "mamba_ssm":  # greedy, CUDA graphs for the decode step as mamba_ssm benchmarks itself
+        model.generate(input_ids=prompt, max_length=prompt.shape[1] + new_tokens, cg=True, top_k=1)
+    else:
+        model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_decode(
+    system: System, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, device: torch.device
+) -> dict:
+    """Tokens/s generating ``new_tokens`` greedily after a ``prompt_len`` prompt (prefill included), after
+    one untimed warm-up generation of the same shape (CUDA graph capture, autotuning)."""
+    row: dict[str, Any] = {"system": system.name, "mode": "decode", "batch": batch, "seq_len": prompt_len}
+    row.update(new_tokens=new_tokens, flops_per_token=None, mfu=None, tokens_per_step=batch * new_tokens)
+    _release(device)
+    _reset_peak(device)
+    model = None
+    try:
+        torch.manual_seed(0)
+        model = _decode_model(system, cfg, device)
+        prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+        _generate(system, model, prompt, new_tokens)
+        _synchronize(device)
+        t0 = time.perf_counter()
+        _generate(system, model, prompt, new_tokens)
+        _synchronize(device)
+        seconds = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        row.update(status="OOM", tokens_per_s=None)
+    else:
+        row.update(status="ok", tokens_per_s=batch * new_tokens / seconds)
+    row["peak_memory_bytes"] = _peak_bytes(device)
+    del model
+    _release(device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt_tokens(row: dict) -> str:
+    return "OOM" if row["status"] == "OOM" else f"{row['tokens_per_s']:,.0f}"
+
+
+def _shape(row: dict) -> str:
+    shape = f"{row['batch']}x{row['seq_len']}"
+    return shape + f"+{row['new_tokens']}" if row["mode"] == "decode" else shape
+
+
+def _shape_key(row: dict) -> tuple:
+    return row["mode"], row["batch"], row["seq_len"], row.get("new_tokens")
+
+
+def ratio_to_reference(row: dict, rows: list[dict]) -> float | None:
+    """hybridlm's tokens/s over ``row``'s at the same mode and shape (None when either is missing or OOM)."""
+    ref = next((r for r in rows if r["system"] == REFERENCE_SYSTEM and _shape_key(r) == _shape_key(row)), None)
+    if ref is None or ref["status"] != "ok" or row["status"] != "ok":
+        return None
+    return ref["tokens_per_s"] / row["tokens_per_s"]
+
+
+TABLE_HEADER = ("system", "mode", "batch x seq", "tokens/s", "MFU", "peak mem GiB", f"{REFERENCE_SYSTEM}/this")
+
+
+def format_table(rows: list[dict]) -> str:
+    """One plain-text table, one line per row; ``longest`` rows show the longest sequence that trained."""
+    lines = [TABLE_HEADER]
+    for r in rows:
+        ratio = ratio_to_reference(r, rows)
+        mem = r["peak_memory_bytes"]
+        lines.append(
+            (
+                r["system"],
+                r["mode"],
+                _shape(r),
+                _fmt_tokens(r),
+                "-" if r["mfu"] is None else f"{r['mfu']:.3f}",
+                "-" if mem is None else f"{mem / 2**30:.2f}",
+                "-" if ratio is None else f"{ratio:.2f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this package, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Fields every jsonl row carries: time, device name, package versions, git commit."""
+    return {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "mamba_ssm": _version("mamba_ssm"),
+        "transformers": _version("transformers"),
+        "git_commit": git_commit(),
+    }
+
+
+def append_jsonl(rows: list[dict], out_jsonl: Path) -> None:
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with out_jsonl.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"8x4096,2x16384"`` -> [(8, 4096), (2, 16384)]; a malformed item raises a one-line ValueError."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--shapes: {item.strip()!r} is not BATCHxSEQ with positive integers, e.g. 8x4096")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def _check_inputs(cfg: ModelConfig, shapes: list[tuple[int, int]], systems: list[str] | None, warmup: int, steps: int):
+    unknown = [s for s in systems or [] if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"--systems: unknown {', '.join(unknown)} (choose from {', '.join(SYSTEMS)})")
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"--warmup={warmup} must be >= 0 and --steps={steps} >= 1")
+    chunk = cfg.mamba.chunk_size if "M" in cfg.layers and cfg.mamba.version == 2 else 1
+    for batch, seq_len in shapes:
+        if seq_len < 2 or seq_len % chunk:
+            raise ValueError(
+                f"--shapes: {batch}x{seq_len}: seq must be >= 2 and a multiple of model.mamba.chunk_size={chunk}"
+            )
+
+
+def run_bench(
+    config_path: str | None,
+    overrides: list[str],
+    shapes: list[tuple[int, int]],
+    systems: list[str] | None,
+    warmup: int,
+    steps: int,
+    decode: bool,
+    out_jsonl: Path = DEFAULT_OUT,
+    *,
+    longest: bool = False,
+    decode_prompt: int = 32768,
+    decode_tokens: int = 256,
+    device: str | None = None,
+) -> list[dict]:
+    """Benchmark ``systems`` (None: all available) at each (batch, seq_len) of ``shapes``; print one table,
+    append the rows to ``out_jsonl`` and return them. Systems that cannot run here are skipped with a note.
+
+    ``longest`` (CUDA only) adds the longest batch-1 sequence each system trains, by doubling; ``decode``
+    adds generation of ``decode_tokens`` after a ``decode_prompt``-token prompt at batch 1 and 16."""
+    run = load_run_config(config_path, overrides)
+    cfg = run.model
+    _check_inputs(cfg, shapes, systems, warmup, steps)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ops.set_kernels(run.kernels)
+
+    chosen = []
+    for name in systems or list(SYSTEMS):
+        reason = unavailable_reason(SYSTEMS[name], cfg, dev)
+        if reason:
+            print(f"note: skipping {name}: {reason}")
+        else:
+            chosen.append(SYSTEMS[name])
+
+    rows = []
+    for system in chosen:
+        for batch, seq_len in shapes:
+            rows.append(measure_training(system, cfg, batch, seq_len, warmup, steps, dev))
+        if longest:
+            if dev.type != "cuda":
+                print(f"note: no longest-sequence search for {system.name}: it needs a GPU")
+            elif (row := longest_sequence(system, cfg, max(s for _, s in shapes), dev)) is not None:
+                rows.append(row)
+    if decode:
+        for system in chosen:
+            if system.name not in ("hybridlm", "hybridlm-transformer", "mamba_ssm"):
+                continue
+            for batch in DECODE_BATCHES:
+                rows.append(measure_decode(system, cfg, batch, decode_prompt, decode_tokens, dev))
+
+    print(format_table(rows))
+    env = environment(dev)
+    context = {"config": config_path, "overrides": list(overrides), "warmup": warmup, "steps": steps}
+    append_jsonl([{**env, **context, **row} for row in rows], Path(out_jsonl))
+    return rows
