@@ -1,4 +1,4 @@
-"""What the loop does when things go wrong: preemption signals, non-finite steps, configs that cannot run."""
+"""What the loop does when things go wrong: preemption signals and non-finite steps."""
 
 from __future__ import annotations
 
