@@ -309,6 +309,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated one
     max_bad_steps: int = 5  # NaN/inf steps in a row before stopping
     sample_tokens: int = 64  # tokens generated at the end as a sample (0 = none)
+    loss_chunk_tokens: int = 0  # > 0: cross-entropy over chunks of this many tokens (long sequences, big vocab)
 
 
 @dataclass
@@ -391,6 +392,7 @@ def _validate_train(t: TrainConfig) -> None:
         ("train.log_every", t.log_every, t.log_every >= 1, "must be >= 1"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps >= 1, "must be >= 1"),
         ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
+        ("train.loss_chunk_tokens", t.loss_chunk_tokens, t.loss_chunk_tokens >= 0, "must be >= 0 (0 = off)"),
         ("train.seq_len", t.seq_len, t.seq_len >= 2, "must be >= 2 (an input and a target)"),
     ]
     for key, value, ok, why in rules:

@@ -31,7 +31,7 @@ OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj")
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (batch, seqlen, vocab_size)
+    logits: torch.Tensor | None  # (batch, seqlen, vocab_size); None when the loss was computed in chunks
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss summed over MoE layers (unweighted)
 
@@ -47,6 +47,7 @@ class HybridLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpoint_every = 0  # activation checkpointing: every k-th sub-layer (0 = off), set by the trainer
+        self.loss_chunk_tokens = 0  # > 0: loss over chunks of this many tokens, never all logits at once
         self._init_weights()
 
     @torch.no_grad()
@@ -83,16 +84,21 @@ class HybridLM(nn.Module):
                 h = checkpoint(block, h, ctx, use_reentrant=False)
             else:
                 h = block(h, ctx)
-        if num_last_tokens:
-            h = h[:, -num_last_tokens:]
-        logits = self.lm_head(self.norm_f(h))[..., : self.cfg.vocab_size]
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
+        aux = [b.mixer.aux_loss for b in self.layers if isinstance(b.mixer, MoE)]
+        aux_loss = torch.stack(aux).sum() if aux else None
+        h = self.norm_f(h)
+        if labels is not None and self.loss_chunk_tokens:
+            loss = chunked_cross_entropy(h, self.lm_head, labels, self.cfg.vocab_size, self.loss_chunk_tokens)
+            return LMOutput(None, loss, aux_loss)
+        if num_last_tokens:
+            h = h[:, -num_last_tokens:]
+        logits = self.lm_head(h)[..., : self.cfg.vocab_size]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        aux = [b.mixer.aux_loss for b in self.layers if isinstance(b.mixer, MoE)]
-        return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+        return LMOutput(logits, loss, aux_loss)
 
     def _context(self, input_ids, doc_ids, cache) -> LayerContext:
         if doc_ids is None:
@@ -181,6 +187,32 @@ class HybridLM(nn.Module):
         if dtypes and dtypes != {torch.float32}:
             model.cast(dtypes.pop())
         return model
+
+
+def chunked_cross_entropy(
+    h: torch.Tensor,  # (batch, seqlen, d_model), after the final norm
+    head: nn.Module,  # the LM head, called as a module so ZeRO-3 gathers it and LoRA applies
+    labels: torch.Tensor,  # (batch, seqlen), aligned with the inputs; shifted here
+    vocab_size: int,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy computed ``chunk_tokens`` positions at a time. Each chunk's logits are
+    recomputed in backward rather than stored, so the fp32 (tokens, vocab) matrix never exists whole:
+    a 131k-token sequence with a 50k vocabulary would need 26 GB for it."""
+    hidden = h[:, :-1].flatten(0, 1)
+    targets = labels[:, 1:].flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        total = total + checkpoint(
+            _summed_cross_entropy, hidden[chunk], head, targets[chunk], vocab_size, use_reentrant=False
+        )
+    return total / (targets != -100).sum().clamp_min(1)
+
+
+def _summed_cross_entropy(hidden, head: nn.Module, targets, vocab_size: int) -> torch.Tensor:
+    logits = head(hidden)[:, :vocab_size].float()
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
 
 def sample(

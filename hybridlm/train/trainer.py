@@ -144,6 +144,7 @@ def build_training_engine(
     if resume_from:
         load_into(model, ckpt_io.load_weights(resume_from), "resume", resume_from)
     model.checkpoint_every = {"none": 0, "every": 1}.get(t.activation_checkpointing, t.activation_checkpointing)
+    model.loss_chunk_tokens = t.loss_chunk_tokens
     optimizer = AdamW(
         param_groups(model, t.weight_decay), guard=t.zero_stage == 0, clip=t.grad_clip, lr=t.lr, betas=t.betas, eps=1e-8
     )

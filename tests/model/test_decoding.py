@@ -107,3 +107,23 @@ def test_num_last_tokens_gives_the_last_positions_of_the_full_logits(tiny_model)
     assert torch.allclose(model(ids, num_last_tokens=3).logits, full[:, -3:], atol=1e-6)
     with pytest.raises(ValueError, match="num_last_tokens"):
         model(ids, labels=ids, num_last_tokens=1)
+
+
+def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny_model):
+    model = tiny_model(pattern="M-*-", tie_embeddings=False).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[0, :7] = -100  # ignored positions must count the same way in both
+
+    full = model(ids, labels=labels).loss
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss_chunk_tokens = 16  # 78 targets: chunks of 16, the last one partial
+    out = model(ids, labels=labels)
+    out.loss.backward()
+
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, full, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
