@@ -24,6 +24,7 @@ from hybridlm.model import HybridLM
 
 MODEL_TYPE = "mamba2"
 
+
 def can_express(cfg: ModelConfig) -> str | None:
     if set(cfg.layers) != {"M"}:
         return "Mamba2 is a pure Mamba stack (pattern of M only)"
