@@ -19,6 +19,7 @@ from hybridlm.convert.common import (
     common_hf_kwargs,
     decoder_layers,
     default_rope,
+    export_state,
     from_hf_state,
     head_dim_of,
     head_params,
@@ -29,7 +30,6 @@ from hybridlm.convert.common import (
     require_attention,
     same_names,
     stored_config,
-    to_hf_state,
 )
 from hybridlm.model import HybridLM
 
@@ -106,9 +106,7 @@ def weight_table(cfg: ModelConfig, keys: list[str]) -> list[Param]:
 
 
 def to_hf(model: HybridLM) -> tuple[BambaConfig, dict[str, torch.Tensor]]:
-    state = model.state_dict()
-    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
-    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+    return export_state(model, hf_config, weight_table)
 
 
 def config_from_hf(c: Any) -> ModelConfig:

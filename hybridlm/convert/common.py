@@ -73,6 +73,13 @@ def reference_state(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+def export_state(model, hf_config, weight_table) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(HF config, HF state dict) of ``model`` from an architecture's ``hf_config`` and ``weight_table``."""
+    state = model.state_dict()
+    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
+    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+
+
 def to_hf_state(table: list[Param], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names, fusing where the table says so."""
     out = {}

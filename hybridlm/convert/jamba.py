@@ -22,6 +22,7 @@ from hybridlm.convert.common import (
     build_config,
     common_hf_kwargs,
     decoder_layers,
+    export_state,
     from_hf_state,
     head_dim_of,
     head_params,
@@ -33,7 +34,6 @@ from hybridlm.convert.common import (
     require_attention,
     same_names,
     stored_config,
-    to_hf_state,
 )
 from hybridlm.model import HybridLM
 
@@ -122,9 +122,7 @@ def weight_table(cfg: ModelConfig, keys: list[str]) -> list[Param]:
 
 
 def to_hf(model: HybridLM) -> tuple[JambaConfig, dict[str, torch.Tensor]]:
-    state = model.state_dict()
-    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
-    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+    return export_state(model, hf_config, weight_table)
 
 
 def config_from_hf(c: Any) -> ModelConfig:

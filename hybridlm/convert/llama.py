@@ -16,6 +16,7 @@ from hybridlm.convert.common import (
     build_config,
     common_hf_kwargs,
     default_rope,
+    export_state,
     from_hf_state,
     head_params,
     pad_multiple_for,
@@ -24,7 +25,6 @@ from hybridlm.convert.common import (
     require,
     same_names,
     stored_config,
-    to_hf_state,
 )
 from hybridlm.model import HybridLM
 
@@ -80,9 +80,7 @@ def weight_table(cfg: ModelConfig, keys: list[str]) -> list[Param]:
 
 
 def to_hf(model: HybridLM) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    state = model.state_dict()
-    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
-    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+    return export_state(model, hf_config, weight_table)
 
 
 def config_from_hf(c: Any) -> ModelConfig:

@@ -14,6 +14,7 @@ from hybridlm.convert.common import (
     Param,
     build_config,
     common_hf_kwargs,
+    export_state,
     from_hf_state,
     head_params,
     pad_multiple_for,
@@ -22,7 +23,6 @@ from hybridlm.convert.common import (
     require,
     same_names,
     stored_config,
-    to_hf_state,
 )
 from hybridlm.model import HybridLM
 
@@ -72,9 +72,7 @@ def weight_table(cfg: ModelConfig, keys: list[str]) -> list[Param]:
 
 
 def to_hf(model: HybridLM) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
-    state = model.state_dict()
-    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
-    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+    return export_state(model, hf_config, weight_table)
 
 
 def config_from_hf(c: Any) -> ModelConfig:

@@ -13,11 +13,11 @@ from hybridlm.convert.common import (
     ConvertError,
     build_config,
     common_hf_kwargs,
+    export_state,
     from_hf_state,
     pad_multiple_for,
     reference_state,
     stored_config,
-    to_hf_state,
 )
 from hybridlm.convert.mamba import in_memory_names, weight_table
 from hybridlm.model import HybridLM
@@ -61,9 +61,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Mamba2Con
 
 
 def to_hf(model: HybridLM) -> tuple[Mamba2Config, dict[str, torch.Tensor]]:
-    state = model.state_dict()
-    config = hf_config(model.cfg, model.embed_tokens.weight.dtype)
-    return config, to_hf_state(weight_table(model.cfg, list(state)), state)
+    return export_state(model, hf_config, weight_table)
 
 
 def config_from_hf(c: Any) -> ModelConfig:
