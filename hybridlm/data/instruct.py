@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hybridlm.config import ModelConfig, SourceConfig
 from hybridlm.data.errors import DataError
-from hybridlm.data.sources import _decoded_lines, resolve_files, source_name
+from hybridlm.data.sources import decoded_lines, resolve_files, source_name
 from hybridlm.data.tokenizer import load_local_tokenizer, tokenizer_hash
 
 ROLES = ("system", "user", "assistant")
@@ -117,12 +117,12 @@ def _file_records(src: SourceConfig, index: int) -> Iterator[tuple[str, object]]
     for path in resolve_files(src, index):
         if path.suffix == ".json" and path.open("rb").read(64).lstrip().startswith(b"["):
             try:
-                records = json.loads("".join(_decoded_lines(path)))
+                records = json.loads("".join(decoded_lines(path)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
             yield from ((f"{path}: record {i}", r) for i, r in enumerate(records))
             continue
-        for lineno, line in enumerate(_decoded_lines(path), start=1):
+        for lineno, line in enumerate(decoded_lines(path), start=1):
             if not line.strip():
                 continue
             try:

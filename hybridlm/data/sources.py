@@ -93,7 +93,7 @@ def _iter_files(src: SourceConfig, index: int) -> Iterator[str]:
 def read_txt(path: Path) -> Iterator[str]:
     """Paragraphs of a UTF-8 text file, each without its final line break."""
     paragraph: list[str] = []
-    for line in _decoded_lines(path):
+    for line in decoded_lines(path):
         if line.strip():
             paragraph.append(line)
         elif paragraph:
@@ -108,7 +108,7 @@ def read_json(path: Path, field: str) -> Iterator[str]:
     if path.suffix == ".json":
         head = path.open("rb").read(64).lstrip()
         if head.startswith(b"["):
-            text = "".join(_decoded_lines(path))
+            text = "".join(decoded_lines(path))
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as e:
@@ -116,7 +116,7 @@ def read_json(path: Path, field: str) -> Iterator[str]:
             for i, record in enumerate(records):
                 yield _field(record, field, f"{path}: record {i}")
             return
-    for lineno, line in enumerate(_decoded_lines(path), start=1):
+    for lineno, line in enumerate(decoded_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -172,7 +172,7 @@ def _field(record: object, field: str, where: str) -> str:
     return text
 
 
-def _decoded_lines(path: Path) -> Iterator[str]:
+def decoded_lines(path: Path) -> Iterator[str]:
     """Lines of a UTF-8 file; undecodable bytes are an error naming the byte offset."""
     offset = 0
     with path.open("rb") as f:
