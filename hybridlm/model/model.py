@@ -55,10 +55,10 @@ class HybridLM(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(len(self.layers))  # one residual add per sub-layer
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 2)
             if p.dim() < 2 or "dt_proj" in name or "conv1d" in name or name.endswith(FP32_PARAM_SUFFIXES):
                 continue  # norms, biases, SSM parameters (Mamba-1's A_log is 2-D) and convs keep their own init
-            nn.init.normal_(p, std=out_std if any(o in leaf for o in OUTPUT_PROJECTIONS) else std)
+            writes_residual = any(part in OUTPUT_PROJECTIONS for part in name.split("."))
+            nn.init.normal_(p, std=out_std if writes_residual else std)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and module.bias is not None and not name.endswith("dt_proj"):
                 nn.init.zeros_(module.bias)

@@ -149,3 +149,13 @@ def test_backward_reaches_every_parameter(tiny_model):
     (out.loss + 0.01 * out.aux_loss).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_projections_into_the_residual_start_smaller_by_sqrt_of_the_sublayers(tiny_model):
+    torch.manual_seed(0)
+    model = tiny_model(pattern="M-*-E", d_model=64, init_std=0.02)
+    stds = {n: p.std().item() for n, p in model.named_parameters() if p.dim() >= 2 and "conv1d" not in n}
+    scaled = 0.02 / len(model.layers) ** 0.5
+    for name, std in stds.items():
+        writes_residual = name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "down_proj"))
+        assert std == pytest.approx(scaled if writes_residual else 0.02, rel=0.15), name
