@@ -38,7 +38,7 @@ class Attention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:
             if cache.seqlen_offset == 0:
-                cache.layers[self.layer_idx] = KVCache(k, v)
+                cache.layers[self.layer_idx] = KVCache(k, v, capacity=cache.max_seqlen)
             else:
                 k, v = cache.layers[self.layer_idx].append(k, v)
         y = ops.attention(q, k, v, causal=True, window=self.window, doc_ids=doc_ids)
