@@ -339,6 +339,8 @@ class RunConfig:
     resume: str | None = None  # "auto" (latest in out_dir) or a checkpoint path
     init_from: str | None = None  # a hybridlm or HF checkpoint to start from
     kernels: Literal["auto", "reference"] = "auto"
+    # ops that run unfused even where a fused kernel exists (one performance lever off, or debugging)
+    reference_ops: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -367,6 +369,11 @@ def validate_run(cfg: RunConfig) -> None:
             raise ConfigError(f"finetune.freeze[{i}]={pattern!r} is not a valid regex ({e})") from None
     if cfg.finetune.lora.r < 0:
         raise ConfigError(f"finetune.lora.r={cfg.finetune.lora.r} must be >= 0")
+    from hybridlm.ops.dispatch import OPS
+
+    unknown = [op for op in cfg.reference_ops if op not in OPS]
+    if unknown:
+        raise ConfigError(f"reference_ops: unknown op {', '.join(map(repr, unknown))} (ops: {', '.join(OPS)})")
     m = cfg.model
     # with init_from the architecture comes from the checkpoint; the trainer checks seq_len against it
     if cfg.init_from is None and "M" in m.layers and m.mamba.version == 2 and t.seq_len % m.mamba.chunk_size:

@@ -1,4 +1,8 @@
-"""A residual sub-layer ``h + f(norm(h))``; ``f`` is built from one character of the layer pattern."""
+"""A residual sub-layer ``h + f(norm(h))``; ``f`` is built from one character of the layer pattern.
+
+The residual stream is carried as (sub-layer output, running sum) and each block adds the previous
+output at the start, fused with its norm (as mamba_ssm and flash-attn's blocks do): one kernel reads
+both and writes the sum and the normalised input, where a separate add would take another pass."""
 
 from __future__ import annotations
 
@@ -47,8 +51,15 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = build_mixer(kind, cfg, layer_idx)
 
-    def forward(self, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        x = self.norm(h)
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, ctx: LayerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden``: the previous sub-layer's output (the embeddings for the first); ``residual``: the sum
+        of everything before it (None for the first). Returns (this sub-layer's output, the new sum)."""
+        x, residual = self.norm(hidden, residual, prenorm=True)
+        return self._mix(x, ctx), residual
+
+    def _mix(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         if isinstance(self.mixer, Mamba2):
             y = self.mixer(x, ctx.seq_idx, ctx.cache)
         elif isinstance(self.mixer, Mamba1):
@@ -57,4 +68,4 @@ class Block(nn.Module):
             y = self.mixer(x, ctx.positions, ctx.doc_ids, ctx.cache)
         else:
             y = self.mixer(x)
-        return h + y
+        return y

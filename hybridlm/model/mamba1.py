@@ -79,7 +79,7 @@ class Mamba1(nn.Module):
             out, ssm_state = out
             width = self.conv1d.kernel_size[0]
             conv_state = F.pad(x_t, (width - seqlen, 0))[..., -width:].contiguous()
-            cache.layers[self.layer_idx] = MambaState(conv_state, ssm_state.to(h.dtype))
+            cache.layers[self.layer_idx] = MambaState(conv_state, ssm_state.to(self.in_proj.weight.dtype))
         return self.out_proj(out.transpose(1, 2))
 
     def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,6 +88,11 @@ class Mamba1(nn.Module):
         if self.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return F.linear(dt, self.dt_proj.weight), B, C
+
+    def params_read_directly(self) -> list[nn.Parameter]:
+        """Submodule parameters handed to kernels without calling the submodule (ZeRO-3 must gather them)."""
+        candidates = (self.conv1d.weight, self.conv1d.bias, self.dt_proj.weight, self.dt_proj.bias)
+        return [p for p in candidates if p is not None]
 
     def empty_state(self, batch: int, device, dtype) -> MambaState:
         return MambaState(

@@ -51,36 +51,58 @@ class Mamba2(nn.Module):
     def forward(
         self, h: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: InferenceCache | None = None
     ) -> torch.Tensor:
-        batch, seqlen, _ = h.shape
-        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        zxbcdt = self.in_proj(h)
         A = -torch.exp(self.A_log.float())
         conv_weight = self.conv1d.weight[:, 0, :]  # (channels, width)
-        if cache is not None and cache.seqlen_offset > 0:
-            y = self._step(xBC[:, 0], dt[:, 0], A, conv_weight, cache.layers[self.layer_idx])[:, None]
-        else:
-            xBC_t = xBC.transpose(1, 2)  # (batch, channels, seqlen)
-            xBC = ops.causal_conv1d(xBC_t, conv_weight, self.conv1d.bias, "silu", seq_idx).transpose(1, 2)
-            x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-            out = ops.ssd_scan(
-                x.unflatten(-1, (self.nheads, self.headdim)),
-                dt,
+        if cache is None:
+            y = ops.conv_ssd_scan(
+                zxbcdt,
+                conv_weight,
+                self.conv1d.bias,
+                self.dt_bias,
                 A,
-                B.unflatten(-1, (self.ngroups, self.d_state)),
-                C.unflatten(-1, (self.ngroups, self.d_state)),
+                self.D,
                 self.chunk_size,
-                D=self.D,
-                dt_bias=self.dt_bias,
-                dt_limit=self.dt_limit,
-                seq_idx=seq_idx,
-                return_final_states=cache is not None,
+                seq_idx,
+                self.dt_limit,
+                self.norm.weight,
+                self.norm.eps,
+                self.headdim,
+                self.ngroups,
             )
-            if cache is not None:
-                out, ssm_state = out
-                conv_state = F.pad(xBC_t, (self.conv1d.kernel_size[0] - seqlen, 0))[..., -self.conv1d.kernel_size[0] :]
-                cache.layers[self.layer_idx] = MambaState(conv_state.contiguous(), ssm_state.to(h.dtype))
-            y = out.flatten(-2)
-        y = self.norm(y, z)
-        return self.out_proj(y)
+            return self.out_proj(y)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        if cache.seqlen_offset > 0:
+            y = self._step(xBC[:, 0], dt[:, 0], A, conv_weight, cache.layers[self.layer_idx])[:, None]
+        else:  # prefill: the same scan, also returning the states decoding continues from
+            y = self._prefill(xBC, dt, A, conv_weight, seq_idx, cache)
+        return self.out_proj(self.norm(y, z))
+
+    def _prefill(self, xBC, dt, A, conv_weight, seq_idx, cache: InferenceCache) -> torch.Tensor:
+        width = self.conv1d.kernel_size[0]
+        xBC_t = xBC.transpose(1, 2)  # (batch, channels, seqlen)
+        conv_state = F.pad(xBC_t, (width - xBC_t.shape[-1], 0))[..., -width:]
+        xBC = ops.causal_conv1d(xBC_t, conv_weight, self.conv1d.bias, "silu", seq_idx).transpose(1, 2)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y, ssm_state = ops.ssd_scan(
+            x.unflatten(-1, (self.nheads, self.headdim)),
+            dt,
+            A,
+            B.unflatten(-1, (self.ngroups, self.d_state)),
+            C.unflatten(-1, (self.ngroups, self.d_state)),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_limit=self.dt_limit,
+            seq_idx=seq_idx,
+            return_final_states=True,
+        )
+        cache.layers[self.layer_idx] = MambaState(conv_state.contiguous(), ssm_state.to(self.in_proj.weight.dtype))
+        return y.flatten(-2)
+
+    def params_read_directly(self) -> list[nn.Parameter]:
+        """Submodule parameters handed to kernels without calling the submodule (ZeRO-3 must gather them)."""
+        return [p for p in (self.conv1d.weight, self.conv1d.bias, self.norm.weight) if p is not None]
 
     def _step(self, xBC, dt, A, conv_weight, state: MambaState) -> torch.Tensor:
         xBC = ops.causal_conv1d_update(xBC, state.conv_state, conv_weight, self.conv1d.bias, "silu")

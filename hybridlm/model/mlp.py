@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm import ops
 from hybridlm.config import ModelConfig
 
 
@@ -28,5 +29,5 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+            return self.down_proj(ops.swiglu(self.gate_proj(h), self.up_proj(h)))
         return self.down_proj(self.act(self.up_proj(h)))

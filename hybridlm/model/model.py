@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.model.block import Block, LayerContext
 from hybridlm.model.cache import InferenceCache
@@ -78,17 +78,17 @@ class HybridLM(nn.Module):
             steps = [self(input_ids[:, t : t + 1], cache=cache).logits for t in range(input_ids.shape[1])]
             return LMOutput(torch.cat(steps, dim=1))
         ctx = self._context(input_ids, doc_ids, cache)
-        h = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for i, block in enumerate(self.layers):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                h = checkpoint(block, h, ctx, use_reentrant=False)
+                hidden, residual = checkpoint(block, hidden, residual, ctx, use_reentrant=False)
             else:
-                h = block(h, ctx)
+                hidden, residual = block(hidden, residual, ctx)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         aux = [b.mixer.aux_loss for b in self.layers if isinstance(b.mixer, MoE)]
         aux_loss = torch.stack(aux).sum() if aux else None
-        h = self.norm_f(h)
+        h, _ = self.norm_f(hidden, residual, prenorm=True)
         if labels is not None and self.loss_chunk_tokens:
             loss = chunked_cross_entropy(h, self.lm_head, labels, self.cfg.vocab_size, self.loss_chunk_tokens)
             return LMOutput(None, loss, aux_loss)
@@ -97,7 +97,8 @@ class HybridLM(nn.Module):
         logits = self.lm_head(h)[..., : self.cfg.vocab_size]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            targets = labels[:, 1:].flatten()
+            loss = ops.cross_entropy(logits[:, :-1].flatten(0, 1), targets) / (targets != -100).sum().clamp_min(1)
         return LMOutput(logits, loss, aux_loss)
 
     def _context(self, input_ids, doc_ids, cache) -> LayerContext:
@@ -128,7 +129,8 @@ class HybridLM(nn.Module):
         ``temperature=0`` is greedy. Stops early when every row has produced ``eos_token_id``."""
         was_training = self.training
         self.eval()
-        cache = InferenceCache()
+        # reserve every position up front: the KV caches then never reallocate while decoding
+        cache = InferenceCache(max_seqlen=input_ids.shape[1] + max_new_tokens)
         logits = self(input_ids, cache=cache, num_last_tokens=1).logits[:, -1]
         tokens = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -211,8 +213,7 @@ def chunked_cross_entropy(
 
 
 def _summed_cross_entropy(hidden, head: nn.Module, targets, vocab_size: int) -> torch.Tensor:
-    logits = head(hidden)[:, :vocab_size].float()
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return ops.cross_entropy(head(hidden)[:, :vocab_size], targets)
 
 
 def sample(

@@ -14,7 +14,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False):
+        """``norm(x)``; with ``prenorm`` the residual step in one pass, returning (norm(residual + x),
+        residual + x) (see ops.add_rms_norm). Always called as a module so ZeRO-3 gathers the weight."""
+        if prenorm:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
         return ops.rms_norm(x, self.weight, self.eps)
 
 

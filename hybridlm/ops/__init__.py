@@ -13,24 +13,30 @@ import warnings
 import torch
 
 from hybridlm.ops import attn as _attn
+from hybridlm.ops import compiled as _compiled
 from hybridlm.ops import conv as _conv
 from hybridlm.ops import norm as _norm
 from hybridlm.ops import selective as _s6
 from hybridlm.ops import ssd as _ssd
-from hybridlm.ops.dispatch import choose, kernel_table, reference_kernels, set_kernels
+from hybridlm.ops.dispatch import choose, kernel_table, reference_kernels, reference_ops, set_kernels
 
 __all__ = [
+    "add_rms_norm",
     "attention",
     "causal_conv1d",
     "causal_conv1d_update",
+    "conv_ssd_scan",
+    "cross_entropy",
     "gated_rms_norm",
     "kernel_table",
     "reference_kernels",
+    "reference_ops",
     "rms_norm",
     "selective_scan",
     "selective_state_update",
     "set_kernels",
     "ssd_scan",
+    "swiglu",
 ]
 
 
@@ -107,3 +113,66 @@ def rms_norm(x, weight, eps) -> torch.Tensor:
 def gated_rms_norm(x, z, weight, eps, group_size) -> torch.Tensor:
     impl = _norm.gated_rms_norm_fused if choose("gated_rms_norm", x.device) == "fused" else _norm.gated_rms_norm_ref
     return impl(x, z, weight, eps, group_size)
+
+
+def add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: ``residual + x`` (just ``x`` when ``residual`` is None) and its RMSNorm.
+    Returns (normed in ``x``'s dtype, the new residual in ``residual``'s dtype, else ``x``'s)."""
+    if choose("add_rms_norm", x.device) == "fused":
+        return _norm.add_rms_norm_fused(x, residual, weight, eps)
+    residual = x if residual is None else residual + x.to(residual.dtype)
+    return rms_norm(residual, weight, eps).to(x.dtype), residual
+
+
+def conv_ssd_scan(
+    zxbcdt,  # (batch, seqlen, d_inner + conv_channels + nheads): in_proj's [z | x B C | dt]
+    conv_weight,  # (conv_channels, width)
+    conv_bias,
+    dt_bias,
+    A,
+    D,
+    chunk_size: int,
+    seq_idx,
+    dt_limit,
+    norm_weight,
+    norm_eps: float,
+    headdim: int,
+    ngroups: int,
+) -> torch.Tensor:
+    """Mamba-2's mixer between its two projections: causal conv + SiLU on ``xBC``, the SSD scan, then
+    the gated RMSNorm ``norm(y * silu(z))`` per group; (batch, seqlen, d_inner)."""
+    args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_weight, norm_eps)
+    # the fused kernel indexes zxbcdt with int32 offsets; past 2**31 elements the unfused ops copy the slices
+    if choose("conv_ssd_scan", zxbcdt.device) == "fused" and zxbcdt.numel() < _ssd.INT32_LIMIT:
+        return _ssd.conv_ssd_scan_fused(*args, headdim, ngroups)
+    d_inner, nheads = norm_weight.shape[0], A.shape[0]
+    d_state = (conv_weight.shape[0] - d_inner) // ngroups // 2
+    z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
+    xBC = causal_conv1d(xBC.transpose(1, 2), conv_weight, conv_bias, "silu", seq_idx).transpose(1, 2)
+    x, B, C = xBC.split([d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    y = ssd_scan(
+        x.unflatten(-1, (nheads, headdim)),
+        dt,
+        A,
+        B.unflatten(-1, (ngroups, d_state)),
+        C.unflatten(-1, (ngroups, d_state)),
+        chunk_size,
+        D=D,
+        dt_bias=dt_bias,
+        dt_limit=dt_limit,
+        seq_idx=seq_idx,
+    )
+    return gated_rms_norm(y.flatten(-2), z, norm_weight, norm_eps, d_inner // ngroups)
+
+
+def swiglu(gate, up) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP's activation."""
+    impl = _compiled.swiglu_fused if choose("swiglu", gate.device) == "fused" else _compiled.swiglu_ref
+    return impl(gate, up)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy in fp32 of (tokens, vocab) ``logits`` against (tokens,) ``targets``."""
+    fused = choose("cross_entropy", logits.device) == "fused"
+    impl = _compiled.cross_entropy_fused if fused else _compiled.cross_entropy_ref
+    return impl(logits, targets, ignore_index)

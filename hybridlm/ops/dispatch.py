@@ -1,10 +1,15 @@
 """The one place that decides which implementation each op uses.
 
 An op runs fused when all hold: kernels are not forced to the reference (run config key
-``kernels: reference``, or the environment variable ``HYBRIDLM_KERNELS=reference``), its input
-lives on CUDA, and the package that provides the kernel imports. Attention is the exception:
-without flash-attn it uses torch SDPA, which is torch's own fused kernel on every device.
-The choice is logged once per process.
+``kernels: reference``, or the environment variable ``HYBRIDLM_KERNELS=reference``), the op is not
+named in ``reference_ops`` (one lever off at a time, for ablations), its input lives on CUDA, and the
+packages that provide the kernel import. Attention is the exception: without flash-attn it uses torch
+SDPA, which is torch's own fused kernel on every device. The choice is logged once per process.
+
+Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``): their reference is the chain of the
+simpler ops, each dispatched on its own, so forcing only the composite to its reference measures
+exactly what fusing it gains. ``swiglu`` and ``cross_entropy`` are fused by ``torch.compile``
+(Inductor writes one Triton kernel each way).
 """
 
 from __future__ import annotations
@@ -20,28 +25,57 @@ import torch
 
 log = logging.getLogger("hybridlm.ops")
 
-# op -> the package its fused path needs
-FUSED_PACKAGE = {
-    "selective_scan": "mamba_ssm",
-    "selective_state_update": "mamba_ssm",
-    "ssd_scan": "mamba_ssm",
-    "causal_conv1d": "causal_conv1d",
-    "causal_conv1d_update": "causal_conv1d",
-    "rms_norm": "mamba_ssm",
-    "gated_rms_norm": "mamba_ssm",
-    "attention": "flash_attn",
+# op -> the packages its fused path needs (the first is the one named in kernel tables)
+FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
+    "selective_scan": ("mamba_ssm",),
+    "selective_state_update": ("mamba_ssm",),
+    "ssd_scan": ("mamba_ssm",),
+    "conv_ssd_scan": ("mamba_ssm", "causal_conv1d"),  # mamba_split_conv1d_scan_combined
+    "causal_conv1d": ("causal_conv1d",),
+    "causal_conv1d_update": ("causal_conv1d",),
+    "rms_norm": ("mamba_ssm",),
+    "add_rms_norm": ("mamba_ssm",),
+    "gated_rms_norm": ("mamba_ssm",),
+    "swiglu": ("triton",),  # torch.compile
+    "cross_entropy": ("triton",),  # torch.compile
+    "attention": ("flash_attn",),
 }
+OPS = tuple(FUSED_PACKAGES)
+COMPOSITE_OPS = ("add_rms_norm", "conv_ssd_scan")  # unfused, they run the simpler ops (each dispatched)
 
 _forced_reference = False
+_reference_ops: frozenset[str] = frozenset()
 
 
-def set_kernels(mode: str) -> None:
-    """``"reference"`` forces every op to its pure-PyTorch reference; ``"auto"`` lets dispatch decide."""
-    global _forced_reference
+def set_kernels(mode: str, reference_ops: tuple[str, ...] | list[str] = ()) -> None:
+    """``"reference"`` forces every op to its pure-PyTorch reference; ``"auto"`` lets dispatch decide,
+    except for the ops named in ``reference_ops``, which run their reference."""
+    global _forced_reference, _reference_ops
     if mode not in ("auto", "reference"):
         raise ValueError(f"kernels={mode!r} must be 'auto' or 'reference'")
+    _check_ops(reference_ops)
     _forced_reference = mode == "reference"
+    _reference_ops = frozenset(reference_ops)
     _announced.clear()
+
+
+def _check_ops(names) -> None:
+    unknown = [n for n in names if n not in FUSED_PACKAGES]
+    if unknown:
+        raise ValueError(f"reference_ops: unknown op {', '.join(map(repr, unknown))} (ops: {', '.join(OPS)})")
+
+
+@contextlib.contextmanager
+def reference_ops(*names: str) -> Iterator[None]:
+    """Run the enclosed code with ``names`` on their reference (one lever off, for an ablation)."""
+    global _reference_ops
+    _check_ops(names)
+    before = _reference_ops
+    _reference_ops = before | frozenset(names)
+    try:
+        yield
+    finally:
+        _reference_ops = before
 
 
 @contextlib.contextmanager
@@ -81,9 +115,9 @@ def choose(op: str, device: torch.device) -> str:
 
 
 def _decide(op: str, device: torch.device) -> str:
-    if reference_forced():
+    if reference_forced() or op in _reference_ops:
         return "reference"
-    if device.type == "cuda" and available(FUSED_PACKAGE[op]):
+    if device.type == "cuda" and all(available(p) for p in FUSED_PACKAGES[op]):
         return "fused"
     return "sdpa" if op == "attention" else "reference"
 
@@ -100,7 +134,12 @@ def _announce(op: str, device_type: str, choice: str) -> None:
 def kernel_table(device: torch.device) -> dict[str, str]:
     """What each op will use on ``device``, for ``hybridlm info`` and start-up logs."""
     names = {"fused": "{pkg}", "sdpa": "torch SDPA", "reference": "reference (PyTorch)"}
+    fused_by = {"triton": "torch.compile"}
     table = {}
-    for op, pkg in FUSED_PACKAGE.items():
-        table[op] = names[_decide(op, device)].format(pkg=pkg)
+    for op, packages in FUSED_PACKAGES.items():
+        choice = _decide(op, device)
+        if choice == "reference" and op in COMPOSITE_OPS and not reference_forced():
+            table[op] = "unfused (the ops it is made of)"
+        else:
+            table[op] = names[choice].format(pkg=fused_by.get(packages[0], packages[0]))
     return table

@@ -98,6 +98,19 @@ def ssd_scan_ref(
     return (y, state) if return_final_states else y
 
 
+INT32_LIMIT = 2**31  # mamba_ssm's Triton kernels compute element offsets in int32
+
+
+def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself if every element it views lies within 2**31 elements of its storage's start, else a
+    compact copy: a slice of a large projection output (dt inside in_proj's (16, 32768, 4384) output, say)
+    otherwise makes the kernels read out of bounds."""
+    if t is None:
+        return t
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t if last < INT32_LIMIT else t.contiguous()
+
+
 def ssd_scan_fused(
     x,
     dt,
@@ -117,6 +130,7 @@ def ssd_scan_fused(
 
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
+    x, dt, B, C, z = (int32_addressable(t) for t in (x, dt, B, C, z))
     return mamba_chunk_scan_combined(
         x,
         dt,
@@ -132,4 +146,45 @@ def ssd_scan_fused(
         dt_softplus=True,
         dt_limit=dt_limit,
         return_final_states=return_final_states,
+    )
+
+
+def conv_ssd_scan_fused(
+    zxbcdt,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A,
+    D,
+    chunk_size,
+    seq_idx,
+    dt_limit,
+    norm_weight,
+    norm_eps,
+    headdim,
+    ngroups,
+):
+    """mamba_ssm's ``mamba_split_conv1d_scan_combined`` without its output projection (the layer applies
+    ``out_proj`` as a module, so LoRA and ZeRO-3 see it). It keeps only ``zxbcdt`` and the scan output for
+    backward, recomputing the conv, and writes every gradient into one buffer shaped like ``zxbcdt``."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    return mamba_split_conv1d_scan_combined(
+        zxbcdt,
+        conv_weight,
+        conv_bias,
+        dt_bias,
+        A,
+        D,
+        chunk_size,
+        seq_idx=seq_idx,
+        dt_limit=dt_limit,
+        activation="silu",
+        rmsnorm_weight=norm_weight,
+        rmsnorm_eps=norm_eps,
+        headdim=headdim,
+        ngroups=ngroups,
+        norm_before_gate=False,
     )

@@ -165,16 +165,26 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
-    """``deepspeed.initialize`` with the model's MoE blocks as ZeRO-3 leaf modules.
+    """``deepspeed.initialize`` with the model's MoE blocks as ZeRO-3 leaf modules, and the parameters
+    Mamba mixers read straight from their submodules registered with the mixer.
 
     A leaf module's parameters are gathered as one unit when it is entered, so ranks whose tokens
     route to different experts still fetch the same parameters in the same order (no hang); our
     MoE also calls its experts through a method, not ``forward``, which per-module hooks would miss.
+    Mamba mixers hand their conv (and Mamba-2's gated-norm, Mamba-1's dt_proj) weights to fused kernels
+    without calling those submodules: registered as the mixer's external parameters, ZeRO-3 gathers
+    them for the mixer's forward and again for its backward.
     """
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    if config["zero_optimization"]["stage"] == 3 and any(isinstance(m, MoE) for m in model.modules()):
+    zero3 = config["zero_optimization"]["stage"] == 3
+    if zero3 and any(isinstance(m, MoE) for m in model.modules()):
         set_z3_leaf_modules(model, [MoE])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if zero3:
+        for module in model.modules():
+            if isinstance(module, Mamba1 | Mamba2):
+                for param in module.params_read_directly():
+                    deepspeed.zero.register_external_parameter(module, param)
     return engine

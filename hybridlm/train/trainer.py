@@ -72,7 +72,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     resume_from = ckpt_io.resolve_resume(cfg.resume, cfg.out_dir)
     trainer_state = ckpt_io.read_trainer_state(resume_from) if resume_from else {}
     rank, world_size, device = init_distributed()
-    ops.set_kernels(cfg.kernels)
+    ops.set_kernels(cfg.kernels, cfg.reference_ops)
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.train, device)
     if source is not None:

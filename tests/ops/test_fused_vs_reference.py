@@ -25,8 +25,9 @@ orders of magnitude, so they are compared relative to their largest entry).
     conv                                                              bf16   1e-2   1e-2   2e-2
     attention  attention_sdpa, attention_flash (bf16 only)            fp32   1e-4   1e-4   1e-3
     attention                                                         bf16   2e-2   2e-2   3e-2
-    norm       rms_norm, gated_rms_norm                               fp32   1e-4   1e-4   1e-4
-    norm                                                              bf16   2e-2   2e-2   2e-2
+    ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
+    norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
+               swiglu, cross_entropy (torch.compile)                  bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
     model                                                             bf16   1e-1   5e-2   5e-2
 
@@ -49,20 +50,27 @@ import torch
 from hybridlm import HybridLM, ModelConfig, ops
 from hybridlm.model import InferenceCache
 from hybridlm.ops.attn import attention_flash, attention_ref, attention_sdpa
+from hybridlm.ops.compiled import cross_entropy_fused, cross_entropy_ref, swiglu_fused, swiglu_ref
 from hybridlm.ops.conv import (
     causal_conv1d_fused,
     causal_conv1d_ref,
     causal_conv1d_update_fused,
     causal_conv1d_update_ref,
 )
-from hybridlm.ops.norm import gated_rms_norm_fused, gated_rms_norm_ref, rms_norm_fused, rms_norm_ref
+from hybridlm.ops.norm import (
+    add_rms_norm_fused,
+    gated_rms_norm_fused,
+    gated_rms_norm_ref,
+    rms_norm_fused,
+    rms_norm_ref,
+)
 from hybridlm.ops.selective import (
     selective_scan_fused,
     selective_scan_ref,
     selective_state_update_fused,
     selective_state_update_ref,
 )
-from hybridlm.ops.ssd import ssd_scan_fused, ssd_scan_ref
+from hybridlm.ops.ssd import conv_ssd_scan_fused, ssd_scan_fused, ssd_scan_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -369,6 +377,75 @@ def case_gated_rms_norm(dtype):
     )
 
 
+def case_add_rms_norm(dtype, first: bool = False):
+    """The pre-norm residual step: fp32 running sum, sub-layer output in ``dtype``; ``first``: no sum yet."""
+    inputs = {"x": cuda(2, 64, 128, dtype=dtype), "weight": cuda(128, scale=0.1, shift=1.0)}
+    if not first:
+        inputs["residual"] = cuda(2, 64, 128, scale=4.0)
+
+    def run(impl):
+        return lambda **i: impl(i["x"], i.get("residual"), i["weight"], 1e-5)
+
+    def reference(x, residual, weight, eps):
+        with ops.reference_kernels():
+            return ops.add_rms_norm(x, residual, weight, eps)
+
+    return Case(
+        "norm", run(add_rms_norm_fused), run(reference), inputs, grads=tuple(inputs), differentiable_outputs=(0, 1)
+    )
+
+
+def case_conv_ssd_scan(dtype, packed: bool = True):
+    """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
+    chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast."""
+    b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 256
+    d_inner = nheads * headdim
+    channels = d_inner + 2 * ngroups * dstate
+    inputs = {
+        "zxbcdt": cuda(b, seqlen, d_inner + channels + nheads, dtype=dtype),
+        "conv_weight": cuda(channels, 4, scale=0.5),
+        "conv_bias": cuda(channels, scale=0.1),
+        "dt_bias": torch.empty(nheads, device="cuda").uniform_(-4.0, -1.0),
+        "A": -torch.empty(nheads, device="cuda").uniform_(1.0, 16.0),
+        "D": cuda(nheads),
+        "norm_weight": cuda(d_inner, scale=0.1, shift=1.0),
+    }
+    seq_idx = doc_seq_idx(b, seqlen) if packed else None
+
+    def run(impl):
+        return lambda **i: impl(
+            **i,
+            chunk_size=chunk,
+            seq_idx=seq_idx,
+            dt_limit=(0.0, float("inf")),
+            norm_eps=1e-5,
+            headdim=headdim,
+            ngroups=ngroups,
+        )
+
+    def reference(**i):
+        with ops.reference_kernels():
+            return ops.conv_ssd_scan(**i)
+
+    return Case("ssd", run(conv_ssd_scan_fused), run(reference), inputs, grads=tuple(inputs))
+
+
+def case_swiglu(dtype):
+    inputs = {"gate": cuda(2, 64, 512, dtype=dtype, scale=2.0), "up": cuda(2, 64, 512, dtype=dtype)}
+    return Case("norm", swiglu_fused, swiglu_ref, inputs, grads=("gate", "up"))
+
+
+def case_cross_entropy(dtype):
+    targets = torch.randint(0, 1000, (256,), device="cuda")
+    targets[::7] = -100  # ignored positions
+    inputs = {"logits": cuda(256, 1000, dtype=dtype, scale=3.0)}
+
+    def run(impl):
+        return lambda logits: impl(logits, targets)
+
+    return Case("norm", run(cross_entropy_fused), run(cross_entropy_ref), inputs, grads=("logits",))
+
+
 FLASH = importlib.util.find_spec("flash_attn") is not None
 
 CASES: dict[str, Callable[[torch.dtype], Case]] = {
@@ -388,6 +465,12 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "flash[tq<tk,window]": lambda dt: _attention_case(attention_flash, dt, 16, 256, 64),
     "rms_norm": case_rms_norm,
     "gated_rms_norm": case_gated_rms_norm,
+    "add_rms_norm": case_add_rms_norm,
+    "add_rms_norm[first]": lambda dt: case_add_rms_norm(dt, first=True),
+    "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
+    "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
+    "swiglu": case_swiglu,
+    "cross_entropy": case_cross_entropy,
 }
 
 
