@@ -39,7 +39,11 @@ DEFAULT_SHAPES = [(8, 4096), (2, 16384), (1, 32768)]  # (batch, seq_len)
 DEFAULT_OUT = Path("benchmarks/results/bench.jsonl")
 DECODE_BATCHES = (1, 16)
 REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over each row's
-LONGEST_LIMIT = 1 << 20  # the doubling search for the longest sequence stops here
+# The doubling search stops here (twice the 131072-token target), bounding its time: attention is O(T^2)
+LONGEST_LIMIT = 1 << 18
+# Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
+LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "cross_entropy")
+LOSS_CHUNK_TOKENS = 8192  # the chunked cross-entropy of the memory-saving mode
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,32 @@ def _logits_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
+def mamba_ssm_rotary_dim(cfg: ModelConfig) -> int:
+    """mamba_ssm applies RoPE through flash_attn's rotary kernel; without flash_attn its attention runs with
+    no RoPE, which makes the anchor do slightly less work than hybridlm (a conservative comparison)."""
+    return cfg.rotary_dim if importlib.util.find_spec("flash_attn") is not None else 0
+
+
+def int32_fault(system: System, cfg: ModelConfig, batch: int, seq_len: int) -> str | None:
+    """Why ``system`` cannot run ``batch`` x ``seq_len`` without faulting, or None. mamba_ssm's model hands
+    slices of its in_proj output to Triton kernels that compute offsets in int32; past 2**31 elements they
+    read out of bounds, an illegal memory access that would end the whole benchmark process."""
+    if system.name != "mamba_ssm":
+        return None
+    m = cfg.mamba
+    width = 2 * cfg.d_inner + 2 * m.ngroups * m.d_state + cfg.mamba_n_heads
+    if batch * seq_len * width >= 2**31:
+        return f"not run: its in_proj output ({batch}x{seq_len}x{width}) passes 2**31 elements (int32 offsets)"
+    return None
+
+
+def system_note(system: System, cfg: ModelConfig) -> str | None:
+    """How an anchor differs from the config it was built from, recorded with its rows."""
+    if system.name == "mamba_ssm" and "*" in cfg.layers and cfg.rotary_dim and not mamba_ssm_rotary_dim(cfg):
+        return "attention without RoPE (flash_attn not importable)"
+    return None
+
+
 def _build_mamba_ssm(cfg: ModelConfig) -> nn.Module:
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -104,7 +134,7 @@ def _build_mamba_ssm(cfg: ModelConfig) -> nn.Module:
             "num_heads": a.n_heads,
             "num_heads_kv": cfg.n_kv_heads,
             "head_dim": cfg.head_dim,
-            "rotary_emb_dim": cfg.rotary_dim,
+            "rotary_emb_dim": mamba_ssm_rotary_dim(cfg),
             "rotary_emb_base": a.rope_theta,
             "qkv_proj_bias": a.bias,
             "out_proj_bias": a.bias,
@@ -158,8 +188,6 @@ def unavailable_reason(system: System, cfg: ModelConfig, device: torch.device) -
         pairs = decoder_layers(cfg.layers)
         if pairs is None or any(ffn != "-" for _, ffn in pairs) or cfg.mamba.version != 2:
             return "mamba_ssm's hybrid is decoder layers of Mamba-2 or attention then a dense MLP"
-        if "*" in cfg.layers and cfg.rotary_dim and importlib.util.find_spec("flash_attn") is None:
-            return "mamba_ssm's attention applies RoPE through flash_attn, which is not importable"
     if system.name == "hf-bamba":
         from hybridlm.convert import bamba
 
@@ -242,22 +270,48 @@ def _peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+def save_memory(model: nn.Module) -> bool:
+    """Turn on what a system has for long sequences: activation checkpointing of every layer and, for
+    hybridlm, the chunked cross-entropy. False when the system has neither (mamba_ssm's model)."""
+    if isinstance(model, HybridLM):
+        model.checkpoint_every, model.loss_chunk_tokens = 1, LOSS_CHUNK_TOKENS
+        return True
+    if getattr(model, "supports_gradient_checkpointing", False):  # transformers models
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+    return False
+
+
 def measure_training(
-    system: System, cfg: ModelConfig, batch: int, seq_len: int, warmup: int, steps: int, device: torch.device
+    system: System,
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    memory_saving: bool = False,
 ) -> dict:
-    """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM"."""
+    """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM".
+    ``memory_saving``: with activation checkpointing (and chunked loss) where the system has them."""
     row: dict[str, Any] = {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len}
     row["flops_per_token"] = system_flops_per_token(system, cfg, seq_len)
+    row["note"] = system_note(system, cfg)
+    if fault := int32_fault(system, cfg, batch, seq_len):
+        row.update(status="skipped", tokens_per_step=batch * seq_len, tokens_per_s=None, mfu=None, note=fault)
+        return {**row, "peak_memory_bytes": None, "memory_saving": memory_saving}
     _release(device)
     _reset_peak(device)
     model = None
     try:
         torch.manual_seed(0)
         model = system.build(cfg).to(device)
+        row["memory_saving"] = save_memory(model) if memory_saving else False
         input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
         seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device)
     except torch.OutOfMemoryError:
         row.update(status="OOM", tokens_per_step=batch * seq_len, tokens_per_s=None, mfu=None)
+        row.setdefault("memory_saving", memory_saving)
     else:
         row.update(status="ok", **summarize_steps(seconds, batch, seq_len, row["flops_per_token"], peak_flops(device)))
     row["peak_memory_bytes"] = _peak_bytes(device)
@@ -269,17 +323,33 @@ def measure_training(
 def longest_sequence(
     system: System, cfg: ModelConfig, start: int, device: torch.device, limit: int = LONGEST_LIMIT
 ) -> dict | None:
-    """Double the sequence length (batch 1, one warm-up and one timed step) from ``start`` until out of
-    memory or ``limit``; the row of the longest that trained (mode "longest"), or None if ``start`` did not."""
+    """Double the sequence length (batch 1, one warm-up and one timed step, memory-saving mode) from
+    ``start`` until out of memory or ``limit``; the row of the longest that trained (mode "longest"), or
+    None if ``start`` did not."""
     best, seq_len = None, start
     while seq_len <= limit:
-        row = measure_training(system, cfg, 1, seq_len, warmup=1, steps=1, device=device)
-        if row["status"] == "OOM":
+        row = measure_training(system, cfg, 1, seq_len, warmup=1, steps=1, device=device, memory_saving=True)
+        if row["status"] != "ok":
             break
         best, seq_len = row, seq_len * 2
     if best is not None:
         best["mode"] = "longest"
+        best["reached_limit"] = seq_len > limit  # True: it might fit longer still
     return best
+
+
+def ablation_rows(
+    cfg: ModelConfig, shapes: list[tuple[int, int]], warmup: int, steps: int, device: torch.device
+) -> list[dict]:
+    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"): the ratio column then
+    reads as what that one fused op gains."""
+    rows = []
+    for lever in LEVERS:
+        for batch, seq_len in shapes:
+            with ops.reference_ops(lever):
+                row = measure_training(SYSTEMS[REFERENCE_SYSTEM], cfg, batch, seq_len, warmup, steps, device)
+            rows.append({**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever})
+    return rows
 
 
 def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -308,6 +378,9 @@ def measure_decode(
     one untimed warm-up generation of the same shape (CUDA graph capture, autotuning)."""
     row: dict[str, Any] = {"system": system.name, "mode": "decode", "batch": batch, "seq_len": prompt_len}
     row.update(new_tokens=new_tokens, flops_per_token=None, mfu=None, tokens_per_step=batch * new_tokens)
+    row["note"] = system_note(system, cfg)
+    if fault := int32_fault(system, cfg, batch, prompt_len):
+        return {**row, "status": "skipped", "tokens_per_s": None, "peak_memory_bytes": None, "note": fault}
     _release(device)
     _reset_peak(device)
     model = None
@@ -336,7 +409,7 @@ def measure_decode(
 
 
 def _fmt_tokens(row: dict) -> str:
-    return "OOM" if row["status"] == "OOM" else f"{row['tokens_per_s']:,.0f}"
+    return f"{row['tokens_per_s']:,.0f}" if row["status"] == "ok" else row["status"]
 
 
 def _shape(row: dict) -> str:
@@ -422,7 +495,10 @@ def append_jsonl(rows: list[dict], out_jsonl: Path) -> None:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"8x4096,2x16384"`` -> [(8, 4096), (2, 16384)]; a malformed item raises a one-line ValueError."""
+    """``"8x4096,2x16384"`` -> [(8, 4096), (2, 16384)]; ``"none"`` -> [] (decode only); a malformed item
+    raises a one-line ValueError."""
+    if text.strip().lower() == "none":
+        return []
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
@@ -457,6 +533,7 @@ def run_bench(
     out_jsonl: Path = DEFAULT_OUT,
     *,
     longest: bool = False,
+    ablate: bool = False,
     decode_prompt: int = 32768,
     decode_tokens: int = 256,
     device: str | None = None,
@@ -464,13 +541,14 @@ def run_bench(
     """Benchmark ``systems`` (None: all available) at each (batch, seq_len) of ``shapes``; print one table,
     append the rows to ``out_jsonl`` and return them. Systems that cannot run here are skipped with a note.
 
-    ``longest`` (CUDA only) adds the longest batch-1 sequence each system trains, by doubling; ``decode``
-    adds generation of ``decode_tokens`` after a ``decode_prompt``-token prompt at batch 1 and 16."""
+    ``longest`` (CUDA only) adds the longest batch-1 sequence each system trains, by doubling; ``ablate``
+    adds hybridlm with each fused lever off in turn; ``decode`` adds generation of ``decode_tokens`` after
+    a ``decode_prompt``-token prompt at batch 1 and 16."""
     run = load_run_config(config_path, overrides)
     cfg = run.model
     _check_inputs(cfg, shapes, systems, warmup, steps)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ops.set_kernels(run.kernels)
+    ops.set_kernels(run.kernels, run.reference_ops)
 
     chosen = []
     for name in systems or list(SYSTEMS):
@@ -489,6 +567,8 @@ def run_bench(
                 print(f"note: no longest-sequence search for {system.name}: it needs a GPU")
             elif (row := longest_sequence(system, cfg, max(s for _, s in shapes), dev)) is not None:
                 rows.append(row)
+    if ablate:
+        rows += ablation_rows(cfg, shapes, warmup, steps, dev)
     if decode:
         for system in chosen:
             if system.name not in ("hybridlm", "hybridlm-transformer", "mamba_ssm"):

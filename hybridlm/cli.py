@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-prompt", type=int, default=32768)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--longest", action="store_true", help="search the longest single sequence that trains (GPU)")
+    p.add_argument("--ablate", action="store_true", help="also hybridlm with each fused lever off in turn")
     p.add_argument("--out", default="benchmarks/results/bench.jsonl")
     p.set_defaults(func=_bench)
 
@@ -246,6 +247,7 @@ def _bench(args: argparse.Namespace) -> None:
         args.decode,
         Path(args.out),
         longest=args.longest,
+        ablate=args.ablate,
         decode_prompt=args.decode_prompt,
         decode_tokens=args.decode_tokens,
     )

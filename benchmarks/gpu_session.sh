@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call: baseline bench against the anchors, then a kernel profile of hybridlm and mamba_ssm.
+#   source .gpu/setup.sh && bash benchmarks/gpu_session.sh PHASE...
+# Logs go to $OUT (the device tool brings them back). Triton's compiled kernels and autotuning results and
+# Inductor's cache go to one archive, $OUT/kernel-cache.tgz: copied to .kernel-cache.tgz (git-ignored) and
+# carried to the next call, it saves the ~100 s of mamba_ssm autotuning and the torch.compile time.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export TRITON_CACHE_AUTOTUNING=1
+CACHE=/tmp/kernel-cache
+export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor
+mkdir -p "$CACHE"
+if [ -f .kernel-cache.tgz ]; then tar xzf .kernel-cache.tgz -C "$CACHE"; fi
+CFG=configs/hybrid-500m.yaml
+run() {  # run NAME SECONDS CMD...: bounded, logged, never aborts the session
+  local name=$1 secs=$2; shift 2
+  echo "== $name"
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "   rc=$? $(date +%T)"
+  tail -n 40 "$OUT/$name.log" | grep -v "^INFO" | tail -n 25
+}
+for phase in "$@"; do
+  case $phase in
+    baseline)
+      run bench-8x4096 300 python3 -m hybridlm bench $CFG --shapes 8x4096 --systems hybridlm,mamba_ssm,hybridlm-transformer \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run bench-bamba 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba \
+        --warmup 2 --steps 6 --out "$OUT/bench.jsonl" ;;
+    gputests)  # the fused-vs-reference cases of the ops the levers added, whole models, cached decoding
+      run gpu-tests 150 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "add_rms_norm or conv_ssd_scan or swiglu or cross_entropy or model_fused_matches or cached_decoding or dispatch" ;;
+    ablate)
+      run bench-ablate 220 python3 -m hybridlm bench $CFG --shapes 8x4096 --systems hybridlm,mamba_ssm --ablate \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    decode)
+      run bench-decode 120 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
+        --decode --out "$OUT/bench.jsonl" ;;
+    final)  # the README table: training at the shapes, HF anchors, longest sequence, decode
+      run final-train 250 python3 -m hybridlm bench $CFG --systems hybridlm,mamba_ssm,hybridlm-transformer \
+        --warmup 2 --steps 6 --out "$OUT/bench.jsonl"
+      run final-hf 70 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 2 --steps 5 --out "$OUT/bench.jsonl"
+      run final-longest 120 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems hybridlm,mamba_ssm --longest \
+        --warmup 1 --steps 2 --out "$OUT/bench.jsonl"
+      run final-decode 120 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
+        --decode --out "$OUT/bench.jsonl" ;;
+    profile)
+      run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
+      run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+tar czf "$OUT/kernel-cache.tgz" -C "$CACHE" . && ls -la "$OUT/kernel-cache.tgz"

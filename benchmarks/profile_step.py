@@ -1,0 +1,108 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of one bench system.
+
+    python benchmarks/profile_step.py configs/hybrid-500m.yaml --system hybridlm --shape 8x4096 --out prof/
+
+Prints device time per kernel category (GEMM, SSD scan, conv, norms, attention, loss, optimizer, element-wise,
+copies/casts) and the top kernels, both as milliseconds per step; writes the full kernel table and a Chrome trace
+under ``--out``. Builds the system exactly as ``hybridlm bench`` does (same dtype policy and optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from hybridlm import ops
+from hybridlm.bench import SYSTEMS, _autocast, parse_shapes
+from hybridlm.config import load_run_config
+
+# First matching pattern wins; matched against the lower-cased kernel name.
+CATEGORIES = [
+    ("optimizer", r"adam|multi_tensor"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("ssd scan", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd"),
+    ("selective scan", r"selective_scan|selective_state"),
+    ("conv1d", r"conv1d|causal_conv"),
+    ("norm", r"layer_norm|rms|_norm_"),
+    ("loss", r"log_softmax|nll_loss|cross_entropy|softmax"),
+    ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul|ampere|hopper|cublas"),
+    ("copy/cast", r"copy|cast|to_copy|cat|fill"),
+    ("element-wise", r"elementwise|vectorized|unrolled|pointwise|triton_poi"),
+    ("reduce", r"reduce|sum|triton_red"),
+]
+
+
+def category(kernel: str) -> str:
+    name = kernel.lower()
+    return next((cat for cat, pattern in CATEGORIES if re.search(pattern, name)), "other")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--system", default="hybridlm", choices=list(SYSTEMS))
+    p.add_argument("--shape", default="8x4096")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default="prof")
+    args = p.parse_args()
+
+    run = load_run_config(args.config, args.overrides)
+    ops.set_kernels(run.kernels, run.reference_ops)
+    ((batch, seq_len),) = parse_shapes(args.shape)
+    system = SYSTEMS[args.system]
+    device = torch.device("cuda")
+    model = system.build(run.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    input_ids = torch.randint(0, run.model.vocab_size, (batch, seq_len), device=device)
+
+    def step() -> None:
+        with _autocast(device):
+            loss = system.loss(model, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / f"{args.system}-{args.shape}.trace.json"))
+    kernels: dict[str, float] = defaultdict(float)  # kernel name -> device ms per step
+    counts: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] += event.device_time / 1000 / args.steps
+            counts[event.name] += 1
+    by_category: dict[str, float] = defaultdict(float)
+    for name, ms in kernels.items():
+        by_category[category(name)] += ms
+    total = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])
+    with (out / f"{args.system}-{args.shape}.kernels.tsv").open("w") as f:
+        f.write("ms_per_step\tcalls_per_step\tcategory\tkernel\n")
+        for name, ms in top:
+            f.write(f"{ms:.3f}\t{counts[name] / args.steps:g}\t{category(name)}\t{name}\n")
+    print(f"\n{args.system} {args.shape}: {total:.1f} ms of kernels per step")
+    for name, ms in top[: args.top]:
+        print(f"  {ms:8.2f} ms {counts[name] / args.steps:5g}x  {category(name):13s} {name[:110]}")
+    print("category        ms/step   share")
+    for cat, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"{cat:14s} {ms:8.1f}  {ms / total:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m hybridlm ...`` is the ``hybridlm`` command."""
+
+from hybridlm.cli import main
+
+main()
