@@ -44,6 +44,20 @@ for phase in "$@"; do
         --warmup 1 --steps 2 --out "$OUT/bench.jsonl"
       run final-decode 120 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
         --decode --out "$OUT/bench.jsonl" ;;
+    long)  # the 1x32768 shape, decode at 32k, the longest sequence (after a first call spent its time elsewhere)
+      run long-train 160 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 2 --steps 4 --out "$OUT/bench.jsonl"
+      run long-decode 110 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
+        --decode --out "$OUT/bench.jsonl"
+      run long-longest 110 python3 -m hybridlm bench $CFG --shapes 1x65536 --systems hybridlm --longest \
+        --warmup 1 --steps 1 --out "$OUT/bench.jsonl" ;;
+    optests)  # op-level fused-vs-reference cases of the levers not reached by an earlier call
+      run op-tests 150 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "swiglu or cross_entropy or (conv_ssd_scan and bf16)" ;;
+    track)  # the first 200 steps of the 500M config, fused vs reference ops
+      run track 420 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=2 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" ;;
     profile)
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;

@@ -329,6 +329,7 @@ def longest_sequence(
     best, seq_len = None, start
     while seq_len <= limit:
         row = measure_training(system, cfg, 1, seq_len, warmup=1, steps=1, device=device, memory_saving=True)
+        print(f"longest search: {system.name} 1x{seq_len}: {row['status']}", flush=True)
         if row["status"] != "ok":
             break
         best, seq_len = row, seq_len * 2
@@ -558,26 +559,32 @@ def run_bench(
         else:
             chosen.append(SYSTEMS[name])
 
-    rows = []
+    env = environment(dev)
+    context = {"config": config_path, "overrides": list(overrides), "warmup": warmup, "steps": steps}
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:  # each row is kept as soon as it is measured: a killed run loses none
+        rows.append(row)
+        append_jsonl([{**env, **context, **row}], Path(out_jsonl))
+        print("measured: " + format_table([row]).splitlines()[1], flush=True)
+
     for system in chosen:
         for batch, seq_len in shapes:
-            rows.append(measure_training(system, cfg, batch, seq_len, warmup, steps, dev))
+            record(measure_training(system, cfg, batch, seq_len, warmup, steps, dev))
         if longest:
             if dev.type != "cuda":
                 print(f"note: no longest-sequence search for {system.name}: it needs a GPU")
             elif (row := longest_sequence(system, cfg, max(s for _, s in shapes), dev)) is not None:
-                rows.append(row)
+                record(row)
     if ablate:
-        rows += ablation_rows(cfg, shapes, warmup, steps, dev)
+        for row in ablation_rows(cfg, shapes, warmup, steps, dev):
+            record(row)
     if decode:
         for system in chosen:
             if system.name not in ("hybridlm", "hybridlm-transformer", "mamba_ssm"):
                 continue
             for batch in DECODE_BATCHES:
-                rows.append(measure_decode(system, cfg, batch, decode_prompt, decode_tokens, dev))
+                record(measure_decode(system, cfg, batch, decode_prompt, decode_tokens, dev))
 
     print(format_table(rows))
-    env = environment(dev)
-    context = {"config": config_path, "overrides": list(overrides), "warmup": warmup, "steps": steps}
-    append_jsonl([{**env, **context, **row} for row in rows], Path(out_jsonl))
     return rows
