@@ -51,11 +51,14 @@ for phase in "$@"; do
         --decode --out "$OUT/bench.jsonl"
       run long-longest 110 python3 -m hybridlm bench $CFG --shapes 1x65536 --systems hybridlm --longest \
         --warmup 1 --steps 1 --out "$OUT/bench.jsonl" ;;
+    train32k)
+      run train-32k 150 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 2 --steps 4 --out "$OUT/bench.jsonl" ;;
     optests)  # op-level fused-vs-reference cases of the levers not reached by an earlier call
       run op-tests 150 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "swiglu or cross_entropy or (conv_ssd_scan and bf16)" ;;
     track)  # the first 200 steps of the 500M config, fused vs reference ops
-      run track 420 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=2 train.seq_len=2048 \
+      run track 300 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
         train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
         --results "$OUT/track_reference.jsonl" ;;
     profile)
@@ -64,4 +67,5 @@ for phase in "$@"; do
     *) echo "unknown phase $phase" ;;
   esac
 done
-tar czf "$OUT/kernel-cache.tgz" -C "$CACHE" . && ls -la "$OUT/kernel-cache.tgz"
+# (the archive is ~20 MB, over what a call brings back; kept for machines where it is not)
+[ -n "${KEEP_KERNEL_CACHE:-}" ] && tar czf "$OUT/kernel-cache.tgz" -C "$CACHE" .
