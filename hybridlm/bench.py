@@ -455,14 +455,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of the repository holding this package, or None outside a git checkout."""
+    """HEAD of the repository holding this package, with "+dirty" when tracked files differ from it (the
+    numbers then belong to uncommitted code), or None outside a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        head, status = (
+            subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def _version(package: str) -> str | None:

@@ -203,3 +203,42 @@ def test_decode_rows_count_generated_tokens_at_batch_1_and_16(tmp_path):
     )
     decode = [(r["system"], r["batch"], r["seq_len"], r["tokens_per_step"]) for r in rows if r["mode"] == "decode"]
     assert decode == [(s, b, 8, b * 4) for s in ("hybridlm", "hybridlm-transformer") for b in bench.DECODE_BATCHES]
+
+
+def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
+    seen = []
+
+    def fake_measure(system, cfg, batch, seq_len, warmup, steps, device):
+        seen.append(set(ops_dispatch._reference_ops))
+        return {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len, "status": "ok"}
+
+    from hybridlm.ops import dispatch as ops_dispatch
+
+    monkeypatch.setattr(bench, "measure_training", fake_measure)
+    rows = bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu"))
+    assert seen == [{lever} for lever in bench.LEVERS]
+    assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in bench.LEVERS]
+    assert [r["without"] for r in rows] == list(bench.LEVERS)
+    assert not ops_dispatch._reference_ops  # restored afterwards
+
+
+def test_mamba_ssm_anchor_is_not_run_where_its_int32_offsets_overflow():
+    cfg = ModelConfig.from_dict(BENCH_MODEL)  # in_proj width 2*128 + 2*16 + 8 = 296
+    anchor = bench.SYSTEMS["mamba_ssm"]
+    assert bench.int32_fault(anchor, cfg, 1, 32) is None
+    assert "2**31" in bench.int32_fault(anchor, cfg, 1, 2**31 // 296 + 1)
+    assert bench.int32_fault(bench.SYSTEMS["hybridlm"], cfg, 1, 2**31) is None  # hybridlm copies such slices
+    row = bench.measure_decode(anchor, cfg, 16, 2**31 // 296, 4, torch.device("cpu"))
+    assert row["status"] == "skipped" and "2**31" in row["note"]
+
+
+def test_memory_saving_mode_checkpoints_and_chunks_the_loss():
+    model = bench.SYSTEMS["hybridlm"].build(ModelConfig.from_dict(BENCH_MODEL))
+    assert bench.save_memory(model)
+    assert (model.checkpoint_every, model.loss_chunk_tokens) == (1, bench.LOSS_CHUNK_TOKENS)
+    assert not bench.save_memory(torch.nn.Linear(2, 2))  # a model with neither
+
+
+def test_shapes_none_means_decode_only():
+    assert bench.parse_shapes("none") == []
+    assert bench.parse_shapes("8x4096, 1x32768") == [(8, 4096), (1, 32768)]

@@ -75,3 +75,28 @@ def test_forced_reference_routes_calls_to_the_reference_function(monkeypatch):
     monkeypatch.setenv("HYBRIDLM_KERNELS", "reference")
     ops.attention(q, q, q)
     assert calls == [1]
+
+
+def test_reference_ops_turn_one_lever_off_and_restore_it(monkeypatch):
+    monkeypatch.setattr(dispatch, "available", lambda package: True)
+    with ops.reference_ops("swiglu"):
+        assert dispatch.choose("swiglu", CUDA) == "reference"
+        assert dispatch.choose("cross_entropy", CUDA) == "fused"  # only the named op
+        assert ops.kernel_table(CUDA)["swiglu"] == "reference (PyTorch)"
+    assert dispatch.choose("swiglu", CUDA) == "fused"
+    assert ops.kernel_table(CUDA)["swiglu"] == "torch.compile"
+    ops.set_kernels("auto", ["conv_ssd_scan"])
+    try:
+        assert dispatch.choose("conv_ssd_scan", CUDA) == "reference"
+        assert ops.kernel_table(CUDA)["conv_ssd_scan"] == "unfused (the ops it is made of)"
+        assert dispatch.choose("ssd_scan", CUDA) == "fused"  # the ops it is made of stay fused
+    finally:
+        ops.set_kernels("auto")
+    with pytest.raises(ValueError, match="unknown op 'swiglue'"):
+        ops.set_kernels("auto", ["swiglue"])
+
+
+def test_a_composite_is_fused_only_when_every_package_it_needs_imports(monkeypatch):
+    monkeypatch.setattr(dispatch, "available", lambda package: package != "causal_conv1d")
+    assert dispatch.choose("ssd_scan", CUDA) == "fused"
+    assert dispatch.choose("conv_ssd_scan", CUDA) == "reference"
