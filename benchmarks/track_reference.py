@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hybridlm.bench import git_commit
 from hybridlm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,16 +208,6 @@ def run_training(command: list[str], log: Path) -> dict[str, Any]:
     if rc != 0:
         print(f"exit code {rc}; last lines of {log}:\n" + "\n".join(text.splitlines()[-20:]), file=sys.stderr)
     return {"returncode": rc, "seconds": round(seconds, 1), "kernels": kernels}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def environment() -> dict[str, Any]:

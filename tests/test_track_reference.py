@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,11 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def track():
-    spec = importlib.util.spec_from_file_location("track_reference", ROOT / "benchmarks" / "track_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def track(load_benchmark):
+    return load_benchmark("track_reference")
 
 
 def decaying(n: int, start: float = 8.0, end: float = 3.0) -> list[float]:

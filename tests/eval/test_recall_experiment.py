@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("recall_experiment", ROOT / "benchmarks" / "recall.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def experiment(load_benchmark):
+    return load_benchmark("recall")
 
 
 def test_configs_are_trainer_run_configs_on_the_mqar_task(experiment):
