@@ -61,6 +61,9 @@ for phase in "$@"; do
       run track 300 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
         train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
         --results "$OUT/track_reference.jsonl" ;;
+    decodeprof)  # is a decode step bound by launches? wall vs kernel time per token
+      run prof-decode-b1 120 python3 benchmarks/profile_step.py $CFG --decode --shape 1x32768 --out "$OUT/prof"
+      run prof-decode-b16 120 python3 benchmarks/profile_step.py $CFG --decode --shape 16x32768 --out "$OUT/prof" ;;
     profile)
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;

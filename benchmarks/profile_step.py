@@ -5,20 +5,25 @@
 Prints device time per kernel category (GEMM, SSD scan, conv, norms, attention, loss, optimizer, element-wise,
 copies/casts) and the top kernels, both as milliseconds per step; writes the full kernel table and a Chrome trace
 under ``--out``. Builds the system exactly as ``hybridlm bench`` does (same dtype policy and optimizer).
+
+``--decode`` profiles one generated token instead (hybridlm systems, bf16 weights, after a prompt of the shape's
+length): when the wall time per step is far above the kernels' time, the step is bound by launches from Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from hybridlm import ops
-from hybridlm.bench import SYSTEMS, _autocast, parse_shapes
+from hybridlm.bench import SYSTEMS, _autocast, _decode_model, parse_shapes
 from hybridlm.config import load_run_config
+from hybridlm.model import HybridLM, InferenceCache
 
 # First matching pattern wins; matched against the lower-cased kernel name.
 CATEGORIES = [
@@ -41,6 +46,38 @@ def category(kernel: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, name)), "other")
 
 
+def train_step(system, run, batch: int, seq_len: int, device: torch.device):
+    model = system.build(run.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    input_ids = torch.randint(0, run.model.vocab_size, (batch, seq_len), device=device)
+
+    def step() -> None:
+        with _autocast(device):
+            loss = system.loss(model, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def decode_step(system, run, batch: int, prompt_len: int, args, device):
+    model = _decode_model(system, run.model, device)
+    if not isinstance(model, HybridLM):
+        raise SystemExit(f"--decode profiles hybridlm systems only, not {system.name}")
+    cache = InferenceCache(max_seqlen=prompt_len + 2 * (args.warmup + args.steps) + 1)
+    prompt = torch.randint(0, run.model.vocab_size, (batch, prompt_len), device=device)
+    with torch.no_grad():
+        token = model(prompt, cache=cache, num_last_tokens=1).logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def step() -> None:
+        nonlocal token
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -51,32 +88,40 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default="prof")
+    p.add_argument("--decode", action="store_true", help="profile one decode step after a prompt of the shape")
+    p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script: there are no kernels")
     args = p.parse_args()
 
     run = load_run_config(args.config, args.overrides)
     ops.set_kernels(run.kernels, run.reference_ops)
     ((batch, seq_len),) = parse_shapes(args.shape)
     system = SYSTEMS[args.system]
-    device = torch.device("cuda")
-    model = system.build(run.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    input_ids = torch.randint(0, run.model.vocab_size, (batch, seq_len), device=device)
+    device = torch.device(args.device)
+    step = (
+        decode_step(system, run, batch, seq_len, args, device)
+        if args.decode
+        else train_step(system, run, batch, seq_len, device)
+    )
 
-    def step() -> None:
-        with _autocast(device):
-            loss = system.loss(model, input_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize()
+        synchronize()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +141,9 @@ def main() -> None:
         f.write("ms_per_step\tcalls_per_step\tcategory\tkernel\n")
         for name, ms in top:
             f.write(f"{ms:.3f}\t{counts[name] / args.steps:g}\t{category(name)}\t{name}\n")
-    print(f"\n{args.system} {args.shape}: {total:.1f} ms of kernels per step")
+    launches = sum(counts.values()) / args.steps
+    mode = "decode step" if args.decode else "training step"
+    print(f"\n{args.system} {args.shape} {mode}: wall {wall_ms:.1f} ms, kernels {total:.1f} ms, {launches:g} launches")
     for name, ms in top[: args.top]:
         print(f"  {ms:8.2f} ms {counts[name] / args.steps:5g}x  {category(name):13s} {name[:110]}")
     print("category        ms/step   share")
