@@ -19,7 +19,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -341,16 +341,14 @@ def longest_sequence(
 
 def ablation_rows(
     cfg: ModelConfig, shapes: list[tuple[int, int]], warmup: int, steps: int, device: torch.device
-) -> list[dict]:
-    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"): the ratio column then
-    reads as what that one fused op gains."""
-    rows = []
+) -> Iterator[dict]:
+    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"), yielded as measured: the
+    ratio column then reads as what that one fused op gains."""
     for lever in LEVERS:
         for batch, seq_len in shapes:
             with ops.reference_ops(lever):
                 row = measure_training(SYSTEMS[REFERENCE_SYSTEM], cfg, batch, seq_len, warmup, steps, device)
-            rows.append({**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever})
-    return rows
+            yield {**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever}
 
 
 def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.Module:

@@ -215,7 +215,7 @@ def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
     from hybridlm.ops import dispatch as ops_dispatch
 
     monkeypatch.setattr(bench, "measure_training", fake_measure)
-    rows = bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu"))
+    rows = list(bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu")))
     assert seen == [{lever} for lever in bench.LEVERS]
     assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in bench.LEVERS]
     assert [r["without"] for r in rows] == list(bench.LEVERS)
