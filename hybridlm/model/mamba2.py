@@ -54,51 +54,34 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(h)
         A = -torch.exp(self.A_log.float())
         conv_weight = self.conv1d.weight[:, 0, :]  # (channels, width)
-        if cache is None:
-            y = ops.conv_ssd_scan(
-                zxbcdt,
-                conv_weight,
-                self.conv1d.bias,
-                self.dt_bias,
-                A,
-                self.D,
-                self.chunk_size,
-                seq_idx,
-                self.dt_limit,
-                self.norm.weight,
-                self.norm.eps,
-                self.headdim,
-                self.ngroups,
-            )
-            return self.out_proj(y)
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
-        if cache.seqlen_offset > 0:
+        if cache is not None and cache.seqlen_offset > 0:
+            z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
             y = self._step(xBC[:, 0], dt[:, 0], A, conv_weight, cache.layers[self.layer_idx])[:, None]
-        else:  # prefill: the same scan, also returning the states decoding continues from
-            y = self._prefill(xBC, dt, A, conv_weight, seq_idx, cache)
-        return self.out_proj(self.norm(y, z))
-
-    def _prefill(self, xBC, dt, A, conv_weight, seq_idx, cache: InferenceCache) -> torch.Tensor:
-        width = self.conv1d.kernel_size[0]
-        xBC_t = xBC.transpose(1, 2)  # (batch, channels, seqlen)
-        conv_state = F.pad(xBC_t, (width - xBC_t.shape[-1], 0))[..., -width:]
-        xBC = ops.causal_conv1d(xBC_t, conv_weight, self.conv1d.bias, "silu", seq_idx).transpose(1, 2)
-        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y, ssm_state = ops.ssd_scan(
-            x.unflatten(-1, (self.nheads, self.headdim)),
-            dt,
+            return self.out_proj(self.norm(y, z))
+        out = ops.conv_ssd_scan(
+            zxbcdt,
+            conv_weight,
+            self.conv1d.bias,
+            self.dt_bias,
             A,
-            B.unflatten(-1, (self.ngroups, self.d_state)),
-            C.unflatten(-1, (self.ngroups, self.d_state)),
+            self.D,
             self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_limit=self.dt_limit,
-            seq_idx=seq_idx,
-            return_final_states=True,
+            seq_idx,
+            self.dt_limit,
+            self.norm.weight,
+            self.norm.eps,
+            self.headdim,
+            self.ngroups,
+            return_final_states=cache is not None,
         )
+        if cache is None:
+            return self.out_proj(out)
+        y, ssm_state = out  # prefill: keep the states decoding continues from
+        width = self.conv1d.kernel_size[0]
+        xBC_t = zxbcdt[..., self.d_inner : self.d_inner + self.conv_channels].transpose(1, 2)
+        conv_state = F.pad(xBC_t, (width - xBC_t.shape[-1], 0))[..., -width:]  # the last `width` conv inputs
         cache.layers[self.layer_idx] = MambaState(conv_state.contiguous(), ssm_state.to(self.in_proj.weight.dtype))
-        return y.flatten(-2)
+        return self.out_proj(y)
 
     def params_read_directly(self) -> list[nn.Parameter]:
         """Submodule parameters handed to kernels without calling the submodule (ZeRO-3 must gather them)."""

@@ -15,6 +15,7 @@ import torch
 from hybridlm.ops import attn as _attn
 from hybridlm.ops import compiled as _compiled
 from hybridlm.ops import conv as _conv
+from hybridlm.ops import layout as _layout
 from hybridlm.ops import norm as _norm
 from hybridlm.ops import selective as _s6
 from hybridlm.ops import ssd as _ssd
@@ -138,19 +139,23 @@ def conv_ssd_scan(
     norm_eps: float,
     headdim: int,
     ngroups: int,
-) -> torch.Tensor:
+    return_final_states: bool = False,
+):
     """Mamba-2's mixer between its two projections: causal conv + SiLU on ``xBC``, the SSD scan, then
-    the gated RMSNorm ``norm(y * silu(z))`` per group; (batch, seqlen, d_inner)."""
+    the gated RMSNorm ``norm(y * silu(z))`` per group; (batch, seqlen, d_inner). With
+    ``return_final_states`` (prefill) also the SSM state after the last token, (batch, nheads, headdim, d_state)."""
     args = (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_weight, norm_eps)
-    # the fused kernel indexes zxbcdt with int32 offsets; past 2**31 elements the unfused ops copy the slices
-    if choose("conv_ssd_scan", zxbcdt.device) == "fused" and zxbcdt.numel() < _ssd.INT32_LIMIT:
+    # The fused kernel indexes zxbcdt with int32 offsets (past 2**31 elements the unfused ops copy the
+    # slices), and it serves training: prefill keeps the separately fused conv and scan it has always used.
+    fused = choose("conv_ssd_scan", zxbcdt.device) == "fused" and zxbcdt.numel() < _layout.INT32_LIMIT
+    if fused and not return_final_states:
         return _ssd.conv_ssd_scan_fused(*args, headdim, ngroups)
     d_inner, nheads = norm_weight.shape[0], A.shape[0]
     d_state = (conv_weight.shape[0] - d_inner) // ngroups // 2
     z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
     xBC = causal_conv1d(xBC.transpose(1, 2), conv_weight, conv_bias, "silu", seq_idx).transpose(1, 2)
     x, B, C = xBC.split([d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
-    y = ssd_scan(
+    out = ssd_scan(
         x.unflatten(-1, (nheads, headdim)),
         dt,
         A,
@@ -161,8 +166,11 @@ def conv_ssd_scan(
         dt_bias=dt_bias,
         dt_limit=dt_limit,
         seq_idx=seq_idx,
+        return_final_states=return_final_states,
     )
-    return gated_rms_norm(y.flatten(-2), z, norm_weight, norm_eps, d_inner // ngroups)
+    y, final_states = out if return_final_states else (out, None)
+    y = gated_rms_norm(y.flatten(-2), z, norm_weight, norm_eps, d_inner // ngroups)
+    return (y, final_states) if return_final_states else y
 
 
 def swiglu(gate, up) -> torch.Tensor:

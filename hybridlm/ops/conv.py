@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops.layout import int32_addressable
+
 
 def causal_conv1d_ref(
     x: torch.Tensor,  # (batch, channels, seqlen)
@@ -57,10 +59,10 @@ def causal_conv1d_fused(x, weight, bias=None, activation="silu", seq_idx=None):
         # the kernel supports seq_idx only for channel-last memory layout
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
         seq_idx = seq_idx.to(torch.int32).contiguous()
-    elif x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(-1) % 8 or x.stride(0) * x.shape[0] >= 2**31):
-        # a channel-last view (a slice of in_proj's output) needs strides that are multiples of 8, and
-        # offsets that fit in int32
+    elif x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(-1) % 8):
+        # a channel-last view (a slice of in_proj's output) needs strides that are multiples of 8
         x = x.contiguous()
+    x = int32_addressable(x)
     return causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 

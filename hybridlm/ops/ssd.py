@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hybridlm.ops.layout import int32_addressable
+
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
     """out[..., i, j] = sum(x[..., j+1 : i+1]) for i >= j, -inf above the diagonal (stable form)."""
@@ -96,19 +98,6 @@ def ssd_scan_ref(
         y = y * F.silu(z.float())
     y = y.to(dtype)
     return (y, state) if return_final_states else y
-
-
-INT32_LIMIT = 2**31  # mamba_ssm's Triton kernels compute element offsets in int32
-
-
-def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself if every element it views lies within 2**31 elements of its storage's start, else a
-    compact copy: a slice of a large projection output (dt inside in_proj's (16, 32768, 4384) output, say)
-    otherwise makes the kernels read out of bounds."""
-    if t is None:
-        return t
-    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return t if last < INT32_LIMIT else t.contiguous()
 
 
 def ssd_scan_fused(

@@ -1,0 +1,17 @@
+"""Memory-layout guards for the fused kernels."""
+
+from __future__ import annotations
+
+import torch
+
+INT32_LIMIT = 2**31  # mamba_ssm's Triton kernels and causal_conv1d compute element offsets in int32
+
+
+def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself if every element it views lies within 2**31 elements of its storage's start, else a
+    compact copy: a slice of a large projection output (dt inside in_proj's (16, 32768, 4384) output, say)
+    otherwise makes the kernels read out of bounds."""
+    if t is None:
+        return t
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t if last < INT32_LIMIT else t.contiguous()
