@@ -57,10 +57,22 @@ for phase in "$@"; do
     optests)  # op-level fused-vs-reference cases of the levers not reached by an earlier call
       run op-tests 150 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "swiglu or cross_entropy or (conv_ssd_scan and bf16)" ;;
-    track)  # the first 200 steps of the 500M config, fused vs reference ops
-      run track 300 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+    track)  # the first 200 steps of the 500M config, fused vs reference ops (both at once: one GPU holds both)
+      run track 450 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
         train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" ;;
+        --results "$OUT/track_reference.jsonl" --parallel
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    track+tests)  # tracking and the GPU tests share the GPU: neither is timed
+      run track 450 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" --parallel &
+      run gpu-tests 420 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "graphed or cached_decoding or model_fused_matches or swiglu or cross_entropy or conv_ssd_scan or dispatch"
+      wait
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    decodegraph)  # decode with CUDA graphs against the anchors, and the same without graphs (--ablate)
+      run bench-decode 400 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
+        --decode --ablate --out "$OUT/bench.jsonl" ;;
     decodeprof)  # is a decode step bound by launches? wall vs kernel time per token
       run prof-decode-b1 120 python3 benchmarks/profile_step.py $CFG --decode --shape 1x32768 --out "$OUT/prof"
       run prof-decode-b16 120 python3 benchmarks/profile_step.py $CFG --decode --shape 16x32768 --out "$OUT/prof" ;;

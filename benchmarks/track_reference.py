@@ -5,9 +5,10 @@ compare the loss curves step by step.
         --steps 200 --out-dir runs/track --tolerance 0.02
 
 Runs ``train.py CONFIG [overrides] kernels=auto`` into ``OUT_DIR/fast`` and the same with ``kernels=reference``
-into ``OUT_DIR/reference``, one subprocess each, one after the other (logs: ``OUT_DIR/fast.log``,
-``OUT_DIR/reference.log``). Both use the config's seed and data, so the only difference is the kernels. The two
-run directories are deleted first: a stale ``metrics.jsonl`` or checkpoint must not mix into the curves.
+into ``OUT_DIR/reference``, one subprocess each, one after the other or, with ``--parallel``, at the same
+time (logs: ``OUT_DIR/fast.log``, ``OUT_DIR/reference.log``). Both use the config's seed and data, so the
+only difference is the kernels. The two run directories are deleted first: a stale ``metrics.jsonl`` or
+checkpoint must not mix into the curves.
 
 The script always sets ``out_dir``, ``train.max_steps=N``, ``kernels`` and ``train.log_every=1`` (one
 ``metrics.jsonl`` row per step: the per-step loss, averaged over ``grad_accum``); overriding those is an error.
@@ -43,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tolerance", type=float, default=0.02, help="last-window mean loss, relative (default 0.02)")
     ap.add_argument("--step-factor", type=float, default=5.0, help="per-step limit = this x tolerance (default 5)")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="append the JSON row here")
+    ap.add_argument("--parallel", action="store_true", help="run both trainings at once (one GPU holds both)")
     args = ap.parse_intermixed_args(argv)
     if args.steps < 1 or args.tolerance <= 0 or args.step_factor < 1:
         ap.error("need --steps >= 1, --tolerance > 0 and --step-factor >= 1")
@@ -257,15 +260,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs, curves = {}, {}
+    commands = {}
     for name, kernels in PATHS.items():
         run_dir = args.out_dir / name
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"{name}: kernels={kernels}, {args.steps} steps -> {run_dir} (log {args.out_dir / name}.log)", flush=True)
-        command = train_command(args.config, args.overrides, run_dir, args.steps, kernels)
-        runs[name] = run_training(command, args.out_dir / f"{name}.log")
-        curves[name] = read_losses(run_dir, args.steps)
-        print(f"  {runs[name]['seconds']} s, exit code {runs[name]['returncode']}", flush=True)
+        commands[name] = train_command(args.config, args.overrides, run_dir, args.steps, kernels)
+    # each run is its own one-process group on a free port, so the two can share a machine (and a GPU)
+    with ThreadPoolExecutor(len(PATHS) if args.parallel else 1) as pool:
+        futures = {name: pool.submit(run_training, cmd, args.out_dir / f"{name}.log") for name, cmd in commands.items()}
+        runs = {name: future.result() for name, future in futures.items()}
+    curves = {}
+    for name, run in runs.items():
+        curves[name] = read_losses(args.out_dir / name, args.steps)
+        print(f"{name}: {run['seconds']} s, exit code {run['returncode']}", flush=True)
 
     result = compare_curves(curves["fast"], curves["reference"], args.tolerance, args.step_factor)
     for name, run in runs.items():

@@ -12,6 +12,7 @@ FLOPs per token for hybrid systems, the transformer config's for transformer sys
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -34,6 +35,7 @@ from hybridlm.config import ModelConfig, load_run_config, validate_model
 from hybridlm.convert.common import decoder_layers
 from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model import HybridLM
+from hybridlm.model.decoding import GraphedDecoder, graph_unsupported
 
 DEFAULT_SHAPES = [(8, 4096), (2, 16384), (1, 32768)]  # (batch, seq_len)
 DEFAULT_OUT = Path("benchmarks/results/bench.jsonl")
@@ -358,11 +360,18 @@ def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.
     return model
 
 
-def _generate(system: System, model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> None:
-    if system.name == "mamba_ssm":  # greedy, CUDA graphs for the decode step as mamba_ssm benchmarks itself
-        model.generate(input_ids=prompt, max_length=prompt.shape[1] + new_tokens, cg=True, top_k=1)
-    else:
-        model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0)
+def _generator(model: nn.Module, batch: int, max_seqlen: int, cuda_graph: bool | None) -> tuple[Callable, bool]:
+    """(``generate(prompt, new_tokens)``, greedy; whether it replays a CUDA graph). Each system keeps its
+    graph across calls, as mamba_ssm's own ``generate(cg=True)`` does (its graph cache lives on the model)."""
+    if isinstance(model, HybridLM):
+        decoder = model.decoder(batch, max_seqlen, cuda_graph)
+        generate = functools.partial(model.generate, temperature=0.0, decoder=decoder)
+        return generate, isinstance(decoder, GraphedDecoder)
+
+    def generate(prompt: torch.Tensor, n: int) -> None:
+        model.generate(input_ids=prompt, max_length=prompt.shape[1] + n, cg=True, top_k=1)
+
+    return generate, True
 
 
 def _synchronize(device: torch.device) -> None:
@@ -371,34 +380,53 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_decode(
-    system: System, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, device: torch.device
+    system: System,
+    cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    device: torch.device,
+    cuda_graph: bool | None = None,
 ) -> dict:
-    """Tokens/s generating ``new_tokens`` greedily after a ``prompt_len`` prompt (prefill included), after
-    one untimed warm-up generation of the same shape (CUDA graph capture, autotuning)."""
+    """Greedy generation after a ``prompt_len`` prompt. After one untimed warm-up generation (graph
+    capture, autotuning), the same prompt generates 1 token (time t1: the prefill) and ``new_tokens``
+    tokens (tN). ``tokens_per_s`` = batch * (new_tokens - 1) / (tN - t1): the decode steps alone, where the
+    KV cache or the constant Mamba state decide; ``tokens_per_s_with_prefill`` = batch * new_tokens / tN.
+    ``cuda_graph`` (hybridlm systems): None = capture where possible; mamba_ssm always uses its graphs."""
     row: dict[str, Any] = {"system": system.name, "mode": "decode", "batch": batch, "seq_len": prompt_len}
     row.update(new_tokens=new_tokens, flops_per_token=None, mfu=None, tokens_per_step=batch * new_tokens)
-    row["note"] = system_note(system, cfg)
+    row.update(timing="decode steps only: batch*(N-1)/(t(N)-t(1))", note=system_note(system, cfg))
     if fault := int32_fault(system, cfg, batch, prompt_len):
         return {**row, "status": "skipped", "tokens_per_s": None, "peak_memory_bytes": None, "note": fault}
     _release(device)
     _reset_peak(device)
-    model = None
+    model = generate = None
     try:
         torch.manual_seed(0)
         model = _decode_model(system, cfg, device)
+        generate, row["cuda_graph"] = _generator(model, batch, prompt_len + new_tokens, cuda_graph)
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
-        _generate(system, model, prompt, new_tokens)
-        _synchronize(device)
-        t0 = time.perf_counter()
-        _generate(system, model, prompt, new_tokens)
-        _synchronize(device)
-        seconds = time.perf_counter() - t0
+        generate(prompt, new_tokens)
+        seconds = {}
+        for n in (1, new_tokens):
+            _synchronize(device)
+            t0 = time.perf_counter()
+            generate(prompt, n)
+            _synchronize(device)
+            seconds[n] = time.perf_counter() - t0
     except torch.OutOfMemoryError:
         row.update(status="OOM", tokens_per_s=None)
     else:
-        row.update(status="ok", tokens_per_s=batch * new_tokens / seconds)
+        decode_s = seconds[new_tokens] - seconds[1]
+        row.update(
+            status="ok" if decode_s > 0 else "untimed: prefill noise exceeded the decode time",
+            tokens_per_s=batch * (new_tokens - 1) / decode_s if decode_s > 0 else None,
+            ms_per_step=1e3 * decode_s / (new_tokens - 1),
+            prefill_s=seconds[1],
+            tokens_per_s_with_prefill=batch * new_tokens / seconds[new_tokens],
+        )
     row["peak_memory_bytes"] = _peak_bytes(device)
-    del model
+    del model, generate
     _release(device)
     return row
 
@@ -545,11 +573,17 @@ def run_bench(
     append the rows to ``out_jsonl`` and return them. Systems that cannot run here are skipped with a note.
 
     ``longest`` (CUDA only) adds the longest batch-1 sequence each system trains, by doubling; ``ablate``
-    adds hybridlm with each fused lever off in turn; ``decode`` adds generation of ``decode_tokens`` after
-    a ``decode_prompt``-token prompt at batch 1 and 16."""
+    adds hybridlm with each fused lever off in turn (and, with ``decode`` where the step can be captured,
+    decoding without CUDA graphs); ``decode`` adds generation of ``decode_tokens`` (>= 2) after a
+    ``decode_prompt``-token prompt at batch 1 and 16."""
     run = load_run_config(config_path, overrides)
     cfg = run.model
     _check_inputs(cfg, shapes, systems, warmup, steps)
+    if decode and (decode_tokens < 2 or decode_prompt < 1):
+        raise ValueError(
+            f"--decode-tokens={decode_tokens} must be >= 2 (the decode rate is t(N) - t(1)) "
+            f"and --decode-prompt={decode_prompt} >= 1"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ops.set_kernels(run.kernels, run.reference_ops)
 
@@ -587,6 +621,10 @@ def run_bench(
                 continue
             for batch in DECODE_BATCHES:
                 record(measure_decode(system, cfg, batch, decode_prompt, decode_tokens, dev))
+        if ablate and graph_unsupported(cfg, dev) is None:
+            for batch in DECODE_BATCHES:  # the CUDA-graph lever: the same decoding, each step launched eagerly
+                row = measure_decode(SYSTEMS[REFERENCE_SYSTEM], cfg, batch, decode_prompt, decode_tokens, dev, False)
+                record({**row, "system": f"{REFERENCE_SYSTEM} -cuda_graph", "without": "cuda_graph"})
 
     print(format_table(rows))
     return rows

@@ -140,13 +140,14 @@ def fake_trainer(track, tmp_path, monkeypatch):
     return script
 
 
-def test_script_compares_two_runs_and_appends_a_passing_row(track, fake_trainer, tmp_path, capsys):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one_after_the_other", "parallel"])
+def test_script_compares_two_runs_and_appends_a_passing_row(track, fake_trainer, tmp_path, capsys, parallel):
     results = tmp_path / "results.jsonl"
     stale = tmp_path / "out" / "fast" / "metrics.jsonl"
     stale.parent.mkdir(parents=True)
     stale.write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")  # a previous run's rows must not count
     argv = ["cfg.yaml", "x.y=1", "--steps", "6", "--out-dir", str(tmp_path / "out"), "--results", str(results)]
-    assert track.main(argv) == 0
+    assert track.main(argv + ["--parallel"] * parallel) == 0
     assert "PASS" in capsys.readouterr().out
     [row] = [json.loads(line) for line in results.read_text().splitlines()]
     assert row["passed"] and row["steps"] == 6 and row["config"] == "cfg.yaml" and row["overrides"] == ["x.y=1"]

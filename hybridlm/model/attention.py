@@ -8,7 +8,7 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig
-from hybridlm.model.cache import InferenceCache, KVCache
+from hybridlm.model.cache import InferenceCache
 
 
 class Attention(nn.Module):
@@ -36,12 +36,16 @@ class Attention(nn.Module):
         v = self.v_proj(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
+        query_start = None
         if cache is not None:
             if cache.seqlen_offset == 0:
-                cache.layers[self.layer_idx] = KVCache(k, v, capacity=cache.max_seqlen)
+                cache.store_kv(self.layer_idx, k, v)
+            elif cache.position is not None:  # fixed shapes for a CUDA graph: the whole buffer, masked
+                k, v = cache.layers[self.layer_idx].write_at(cache.position, k, v)
+                query_start = cache.position
             else:
                 k, v = cache.layers[self.layer_idx].append(k, v)
-        y = ops.attention(q, k, v, causal=True, window=self.window, doc_ids=doc_ids)
+        y = ops.attention(q, k, v, causal=True, window=self.window, doc_ids=doc_ids, query_start=query_start)
         return self.o_proj(y.flatten(-2))
 
 

@@ -79,7 +79,7 @@ class Mamba1(nn.Module):
             out, ssm_state = out
             width = self.conv1d.kernel_size[0]
             conv_state = F.pad(x_t, (width - seqlen, 0))[..., -width:].contiguous()
-            cache.layers[self.layer_idx] = MambaState(conv_state, ssm_state.to(self.in_proj.weight.dtype))
+            cache.store_mamba(self.layer_idx, conv_state, ssm_state.to(self.in_proj.weight.dtype))
         return self.out_proj(out.transpose(1, 2))
 
     def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

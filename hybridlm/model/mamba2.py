@@ -80,7 +80,7 @@ class Mamba2(nn.Module):
         width = self.conv1d.kernel_size[0]
         xBC_t = zxbcdt[..., self.d_inner : self.d_inner + self.conv_channels].transpose(1, 2)
         conv_state = F.pad(xBC_t, (width - xBC_t.shape[-1], 0))[..., -width:]  # the last `width` conv inputs
-        cache.layers[self.layer_idx] = MambaState(conv_state.contiguous(), ssm_state.to(self.in_proj.weight.dtype))
+        cache.store_mamba(self.layer_idx, conv_state.contiguous(), ssm_state.to(self.in_proj.weight.dtype))
         return self.out_proj(y)
 
     def params_read_directly(self) -> list[nn.Parameter]:

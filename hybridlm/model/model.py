@@ -15,8 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig
+from hybridlm.model.attention import Attention
 from hybridlm.model.block import Block, LayerContext
-from hybridlm.model.cache import InferenceCache
+from hybridlm.model.cache import InferenceCache, empty_kv_cache
+from hybridlm.model.decoding import EagerDecoder, GraphedDecoder, decode, graph_unsupported
+from hybridlm.model.mamba1 import Mamba1
+from hybridlm.model.mamba2 import Mamba2
 from hybridlm.model.moe import MoE
 from hybridlm.model.norm import RMSNorm
 from hybridlm.model.packing import doc_starts, positions_from_doc_ids, seq_idx_from_doc_ids
@@ -104,6 +108,8 @@ class HybridLM(nn.Module):
     def _context(self, input_ids, doc_ids, cache) -> LayerContext:
         if doc_ids is None:
             offset = cache.seqlen_offset if cache is not None else 0
+            if offset and cache.position is not None:  # a fixed-shape step (CUDA graph): position on the device
+                return LayerContext(positions=cache.position, cache=cache)
             positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
             return LayerContext(positions=positions, cache=cache)
         return LayerContext(
@@ -124,26 +130,44 @@ class HybridLM(nn.Module):
         top_k: int = 0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+        decoder: EagerDecoder | GraphedDecoder | None = None,
     ) -> torch.Tensor:
         """Prefill the prompt, then decode one token at a time; returns prompt + new tokens.
-        ``temperature=0`` is greedy. Stops early when every row has produced ``eos_token_id``."""
+        ``temperature=0`` is greedy. Stops early when every row has produced ``eos_token_id``.
+        ``cuda_graph``: replay each step from a CUDA graph (None: whenever the model supports it, see
+        ``decoding.graph_unsupported``). Pass a ``decoder`` from ``self.decoder`` to reuse one capture."""
         was_training = self.training
         self.eval()
-        # reserve every position up front: the KV caches then never reallocate while decoding
-        cache = InferenceCache(max_seqlen=input_ids.shape[1] + max_new_tokens)
-        logits = self(input_ids, cache=cache, num_last_tokens=1).logits[:, -1]
-        tokens = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            next_token = sample(logits, temperature, top_p, top_k, generator)
-            tokens.append(next_token[:, None])
-            if eos_token_id is not None:
-                done |= next_token == eos_token_id
-                if done.all():
-                    break
-            logits = self(next_token[:, None], cache=cache).logits[:, -1]
+        if decoder is None:
+            decoder = self.decoder(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, cuda_graph)
+        out = decode(
+            decoder, input_ids, max_new_tokens, lambda x: sample(x, temperature, top_p, top_k, generator), eos_token_id
+        )
         self.train(was_training)
-        return torch.cat(tokens, dim=1)
+        return out
+
+    def decoder(self, batch: int, max_seqlen: int, cuda_graph: bool | None = None) -> EagerDecoder | GraphedDecoder:
+        """A decoder for prompts of ``batch`` rows and up to ``max_seqlen`` tokens in all (prompt + new).
+        ``cuda_graph=True`` raises where the step cannot be captured; None captures where it can."""
+        if cuda_graph is None:
+            cuda_graph = graph_unsupported(self.cfg, self.embed_tokens.weight.device) is None
+        if cuda_graph:
+            return GraphedDecoder(self, batch, max_seqlen)
+        return EagerDecoder(self, max_seqlen)
+
+    def allocate_cache(self, batch: int, max_seqlen: int, device, dtype: torch.dtype) -> InferenceCache:
+        """A cache with every layer's state allocated up front: KV buffers of ``max_seqlen`` positions,
+        zeroed Mamba states. Prefill writes into them (``InferenceCache.store_kv`` / ``store_mamba``)."""
+        cache = InferenceCache(max_seqlen=max_seqlen)
+        for block in self.layers:
+            mixer = block.mixer
+            if isinstance(mixer, Attention):
+                kv = empty_kv_cache(batch, max_seqlen, mixer.n_kv_heads, mixer.head_dim, device, dtype)
+                cache.layers[mixer.layer_idx] = kv
+            elif isinstance(mixer, (Mamba1, Mamba2)):
+                cache.layers[mixer.layer_idx] = mixer.empty_state(batch, device, dtype)
+        return cache
 
     def cast(self, dtype: torch.dtype) -> HybridLM:
         """Cast to ``dtype`` except the SSM parameters that must stay fp32."""

@@ -97,13 +97,16 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu") ->
     return impl(x, conv_state, weight, bias, activation)
 
 
-def attention(q, k, v, causal=True, window=None, doc_ids=None, scale=None) -> torch.Tensor:
-    """Causal attention with GQA, sliding window and packed documents; (batch, t, heads, head_dim)."""
+def attention(q, k, v, causal=True, window=None, doc_ids=None, scale=None, query_start=None) -> torch.Tensor:
+    """Causal attention with GQA, sliding window and packed documents; (batch, t, heads, head_dim).
+    ``query_start`` ((1,) tensor): the queries' position among the keys, for fixed-size KV buffers."""
     choice = choose("attention", q.device)
-    if choice == "fused" and q.dtype not in (torch.float16, torch.bfloat16):
-        choice = "sdpa"  # flash-attn runs only in half precision
-    impl = {"fused": _attn.attention_flash, "sdpa": _attn.attention_sdpa, "reference": _attn.attention_ref}[choice]
-    return impl(q, k, v, causal, window, doc_ids, scale)
+    if choice == "fused" and (q.dtype not in (torch.float16, torch.bfloat16) or query_start is not None):
+        choice = "sdpa"  # flash-attn runs only in half precision and takes no mask
+    if choice == "fused":
+        return _attn.attention_flash(q, k, v, causal, window, doc_ids, scale)
+    impl = _attn.attention_sdpa if choice == "sdpa" else _attn.attention_ref
+    return impl(q, k, v, causal, window, doc_ids, scale, query_start)
 
 
 def rms_norm(x, weight, eps) -> torch.Tensor:

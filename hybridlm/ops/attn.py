@@ -1,7 +1,8 @@
 """Causal attention (MHA/GQA, sliding window, packed documents): reference, SDPA and flash-attn.
 
 Queries are aligned to the end of the keys, so the same call serves training (tq == tk),
-prefill and one-token decoding against a KV cache.
+prefill and one-token decoding against a KV cache. ``query_start`` (a (1,) tensor) places them
+elsewhere: decoding into a fixed-size KV buffer (CUDA graphs) masks the unfilled keys after them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ def attention_mask(
     causal: bool = True,
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
+    query_start: torch.Tensor | None = None,  # (1,): position of the first query; None = tk - tq
 ) -> torch.Tensor:
     """Boolean mask (batch or 1, 1, tq, tk): True where a query may attend to a key."""
-    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    start = tk - tq if query_start is None else query_start
+    q_pos = (torch.arange(tq, device=device) + start)[:, None]
     k_pos = torch.arange(tk, device=device)[None, :]
     allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
     if causal:
@@ -40,30 +43,33 @@ def attention_ref(
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,  # (batch, tq), only when tq == tk
     scale: float | None = None,
+    query_start: torch.Tensor | None = None,  # (1,): queries' position among the keys (default: at the end)
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v in fp32, computed explicitly."""
     rep = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    mask = attention_mask(q.shape[1], k.shape[1], q.device, causal, window, doc_ids)
+    mask = attention_mask(q.shape[1], k.shape[1], q.device, causal, window, doc_ids, query_start)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
 
 
-def attention_sdpa(q, k, v, causal=True, window=None, doc_ids=None, scale=None):
+def attention_sdpa(q, k, v, causal=True, window=None, doc_ids=None, scale=None, query_start=None):
     tq, tk = q.shape[1], k.shape[1]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
-    if window is None and doc_ids is None and (tq == tk or tq == 1 or not causal):
+    plain = window is None and doc_ids is None and query_start is None
+    if plain and (tq == tk or tq == 1 or not causal):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal and tq > 1, scale=scale, enable_gqa=gqa)
     else:
-        mask = attention_mask(tq, tk, q.device, causal, window, doc_ids)
+        mask = attention_mask(tq, tk, q.device, causal, window, doc_ids, query_start)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
 def attention_flash(q, k, v, causal=True, window=None, doc_ids=None, scale=None):
+    """flash-attn's kernels (no ``query_start``: the dispatcher sends those calls to SDPA)."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     window_size = (window - 1, 0) if window is not None else (-1, -1)

@@ -74,3 +74,15 @@ def test_doc_cu_seqlens_counts_documents_across_rows():
     cu_seqlens, max_len = doc_cu_seqlens(DOC_IDS)
     assert cu_seqlens.tolist() == [0, 3, 7, 10, 16, 20]
     assert cu_seqlens.dtype == torch.int32 and max_len == 6
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("impl", [attention_ref, attention_sdpa], ids=["reference", "sdpa"])
+def test_query_start_in_a_fixed_buffer_equals_the_filled_prefix(impl, window):
+    """A decode query at position p of a 12-slot KV buffer (slots past p hold stale values) attends like the
+    same query at the end of keys 0..p."""
+    q, k, v = qkv(1, 12)
+    k[:, 8:], v[:, 8:] = 1e4, 1e4  # stale slots must be masked, not averaged in
+    for p in [0, 4, 7]:
+        got = impl(q, k, v, True, window, None, None, torch.tensor([p]))
+        torch.testing.assert_close(got, attention_ref(q, k[:, : p + 1], v[:, : p + 1], True, window))

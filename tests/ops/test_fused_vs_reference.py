@@ -636,6 +636,33 @@ def test_fused_cached_decoding_reproduces_the_full_forward(version):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=tol.atol, rtol=tol.rtol)
 
 
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("version", [1, 2])
+def test_graphed_decoding_replays_the_eager_steps(version, dtype_name):
+    """The CUDA-graph decoder's logits, token by token, against eager cached steps on the same fused
+    kernels (teacher-forced, so a near-tie in bf16 cannot send the two down different paths). Replays
+    read the position from the device: a graph with the capture-time position baked in would fail
+    (RoPE and the KV slot would stay at position 0). Tolerances: the model family's."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    model = HybridLM(small_hybrid(version, pattern="M*-M*-*-")).cuda().eval()
+    if dtype != FP32:
+        model.cast(dtype)
+    ids = torch.randint(0, 256, (3, 40), device="cuda")
+    tol = TOLERANCES[("model", dtype)]
+    graphed = model.decoder(3, 64, cuda_graph=True)
+    assert graphed.graph is not None
+    with torch.no_grad():
+        for prompt in (24, 9):  # a second, shorter prompt through the same capture
+            eager = model.decoder(3, 64, cuda_graph=False)
+            got, expected = [graphed.prefill(ids[:, :prompt]).clone()], [eager.prefill(ids[:, :prompt])]
+            for t in range(prompt, ids.shape[1]):
+                got.append(graphed.step(ids[:, t]).clone())
+                expected.append(eager.step(ids[:, t]))
+            got_all, expected_all = torch.stack(got).float(), torch.stack(expected).float()
+            torch.testing.assert_close(got_all, expected_all, atol=tol.atol, rtol=tol.rtol, msg=f"prompt {prompt}")
+
+
 def test_dispatch_picks_the_fused_kernels_on_cuda():
     table = ops.kernel_table(torch.device("cuda"))
     assert table["ssd_scan"] == "mamba_ssm" and table["causal_conv1d"] == "causal_conv1d"
