@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: baseline bench against the anchors, then a kernel profile of hybridlm and mamba_ssm.
-#   source .gpu/setup.sh && bash benchmarks/gpu_session.sh PHASE...
+#   source .gpu/setup.sh && HYBRIDLM_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh PHASE...
+# <sha>: `git rev-parse HEAD` of the tree you send, typed in (the device's copy of .git may be stale)
 # Logs go to $OUT (the device tool brings them back). Triton's compiled kernels and autotuning results and
 # Inductor's cache go to one archive, $OUT/kernel-cache.tgz: copied to .kernel-cache.tgz (git-ignored) and
 # carried to the next call, it saves the ~100 s of mamba_ssm autotuning and the torch.compile time.
@@ -70,6 +71,11 @@ for phase in "$@"; do
         -k "graphed or cached_decoding or model_fused_matches or swiglu or cross_entropy or conv_ssd_scan or dispatch"
       wait
       cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    levers+longest)  # every lever's ablation at 8x4096 (fused AdamW included), the anchor's longest sequence
+      run bench-ablate 300 python3 -m hybridlm bench $CFG --shapes 8x4096 --systems hybridlm,mamba_ssm --ablate \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run longest-mamba_ssm 200 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems mamba_ssm --longest \
+        --warmup 1 --steps 2 --out "$OUT/bench.jsonl" ;;
     decodegraph)  # decode with CUDA graphs against the anchors, and the same without graphs (--ablate)
       run bench-decode 400 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
         --decode --ablate --out "$OUT/bench.jsonl" ;;

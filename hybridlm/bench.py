@@ -17,6 +17,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -230,9 +231,12 @@ def time_training_steps(
     warmup: int,
     steps: int,
     device: torch.device,
+    fused_optimizer: bool = True,
 ) -> list[float]:
-    """Seconds of each timed training step (forward, backward, AdamW step), after ``warmup`` untimed ones."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    """Seconds of each timed training step (forward, backward, AdamW step), after ``warmup`` untimed ones.
+    AdamW is torch's fused kernel on CUDA unless ``fused_optimizer`` is off (then its multi-tensor loop)."""
+    fused = fused_optimizer and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
     model.train()
     seconds = []
     for i in range(warmup + steps):
@@ -293,6 +297,7 @@ def measure_training(
     steps: int,
     device: torch.device,
     memory_saving: bool = False,
+    fused_optimizer: bool = True,
 ) -> dict:
     """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM".
     ``memory_saving``: with activation checkpointing (and chunked loss) where the system has them."""
@@ -310,7 +315,7 @@ def measure_training(
         model = system.build(cfg).to(device)
         row["memory_saving"] = save_memory(model) if memory_saving else False
         input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
-        seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device)
+        seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device, fused_optimizer)
     except torch.OutOfMemoryError:
         row.update(status="OOM", tokens_per_step=batch * seq_len, tokens_per_s=None, mfu=None)
         row.setdefault("memory_saving", memory_saving)
@@ -344,13 +349,18 @@ def longest_sequence(
 def ablation_rows(
     cfg: ModelConfig, shapes: list[tuple[int, int]], warmup: int, steps: int, device: torch.device
 ) -> Iterator[dict]:
-    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"), yielded as measured: the
-    ratio column then reads as what that one fused op gains."""
+    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"), then with the multi-tensor
+    AdamW in place of the fused one ("hybridlm -fused_adamw"), yielded as measured: the ratio column then
+    reads as what that one lever gains."""
+    system = SYSTEMS[REFERENCE_SYSTEM]
     for lever in LEVERS:
         for batch, seq_len in shapes:
             with ops.reference_ops(lever):
-                row = measure_training(SYSTEMS[REFERENCE_SYSTEM], cfg, batch, seq_len, warmup, steps, device)
+                row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
             yield {**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever}
+    for batch, seq_len in shapes:
+        row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, fused_optimizer=False)
+        yield {**row, "system": f"{REFERENCE_SYSTEM} -fused_adamw", "without": "fused_adamw"}
 
 
 def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -482,7 +492,10 @@ def format_table(rows: list[dict]) -> str:
 
 def git_commit() -> str | None:
     """HEAD of the repository holding this package, with "+dirty" when tracked files differ from it (the
-    numbers then belong to uncommitted code), or None outside a git checkout."""
+    numbers then belong to uncommitted code), or None outside a git checkout. ``HYBRIDLM_GIT_COMMIT`` wins:
+    a copy of the working tree on another machine may carry a stale ``.git``, so the caller names the commit."""
+    if named := os.environ.get("HYBRIDLM_GIT_COMMIT"):
+        return named
     try:
         head, status = (
             subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)

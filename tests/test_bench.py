@@ -221,17 +221,18 @@ def test_decode_needs_two_new_tokens_to_time_a_step(tmp_path):
 def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
     seen = []
 
-    def fake_measure(system, cfg, batch, seq_len, warmup, steps, device):
-        seen.append(set(ops_dispatch._reference_ops))
+    def fake_measure(system, cfg, batch, seq_len, warmup, steps, device, fused_optimizer=True):
+        seen.append((set(ops_dispatch._reference_ops), fused_optimizer))
         return {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len, "status": "ok"}
 
     from hybridlm.ops import dispatch as ops_dispatch
 
     monkeypatch.setattr(bench, "measure_training", fake_measure)
     rows = list(bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu")))
-    assert seen == [{lever} for lever in bench.LEVERS]
-    assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in bench.LEVERS]
-    assert [r["without"] for r in rows] == list(bench.LEVERS)
+    assert seen == [({lever}, True) for lever in bench.LEVERS] + [(set(), False)]
+    levers = [*bench.LEVERS, "fused_adamw"]
+    assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in levers]
+    assert [r["without"] for r in rows] == levers
     assert not ops_dispatch._reference_ops  # restored afterwards
 
 
@@ -255,3 +256,10 @@ def test_memory_saving_mode_checkpoints_and_chunks_the_loss():
 def test_shapes_none_means_decode_only():
     assert bench.parse_shapes("none") == []
     assert bench.parse_shapes("8x4096, 1x32768") == [(8, 4096), (1, 32768)]
+
+
+def test_a_named_commit_wins_over_the_checkouts(monkeypatch):
+    monkeypatch.delenv("HYBRIDLM_GIT_COMMIT", raising=False)
+    here = bench.git_commit()
+    monkeypatch.setenv("HYBRIDLM_GIT_COMMIT", "abc123")
+    assert bench.git_commit() == "abc123" != here
