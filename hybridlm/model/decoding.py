@@ -29,11 +29,13 @@ class EagerDecoder:
         self.max_seqlen = max_seqlen  # positions each KV cache reserves at prefill (0: the prompt's)
         self.cache = InferenceCache(max_seqlen=max_seqlen)
 
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt (batch, t); returns the logits (batch, vocab) of the token after it."""
         self.cache = InferenceCache(max_seqlen=self.max_seqlen)
         return self.model(input_ids, cache=self.cache, num_last_tokens=1).logits[:, -1]
 
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (batch,); returns the logits (batch, vocab) of the next."""
         return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
@@ -79,6 +81,7 @@ class GraphedDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run_step()
 
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         batch, seqlen = input_ids.shape
         if batch != self.batch or seqlen >= self.max_seqlen:
@@ -89,6 +92,7 @@ class GraphedDecoder:
         self.cache.set_length(0)
         return self.model(input_ids, cache=self.cache, num_last_tokens=1).logits[:, -1]
 
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         seqlen = self.cache.seqlen_offset
         if seqlen >= self.max_seqlen:
