@@ -8,11 +8,19 @@ under ``--out``. Builds the system exactly as ``hybridlm bench`` does (same dtyp
 
 ``--decode`` profiles one generated token instead (hybridlm systems, bf16 weights, after a prompt of the shape's
 length): when the wall time per step is far above the kernels' time, the step is bound by launches from Python.
+
+``--host`` asks where the host's time goes instead: the time to issue the steps (before synchronising) against the
+wall time (equal: the GPU waits on Python), then cProfile over the steps, its self time summed by package (triton,
+mamba_ssm, torch, hybridlm, ...; "built-in" holds C++ calls, including the final synchronise) and the top
+functions; the stats go to ``--out`` as a ``.pstats`` file. cProfile slows Python down, so read the shares, not
+the absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import re
 import time
 from collections import defaultdict
@@ -39,6 +47,54 @@ CATEGORIES = [
     ("element-wise", r"elementwise|vectorized|unrolled|pointwise|triton_poi"),
     ("reduce", r"reduce|sum|triton_red"),
 ]
+
+
+PACKAGES = {"triton", "mamba_ssm", "causal_conv1d", "flash_attn", "einops", "deepspeed", "transformers", "torch"}
+PACKAGES |= {"hybridlm", "benchmarks"}
+
+
+def package_of(filename: str) -> str:
+    """The package a profiled function belongs to: the outermost known package directory in its path (counted
+    from the last site-packages, if any: mamba_ssm/ops/triton/ is mamba_ssm's), "built-in" for C functions
+    (cProfile's "~"), else "other"."""
+    if filename == "~":
+        return "built-in"
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            parts = parts[len(parts) - parts[::-1].index(marker) :]
+    return next((part for part in parts if part in PACKAGES), "other")
+
+
+def host_profile(step, steps: int, synchronize, out: Path, name: str, top: int) -> None:
+    """Print host (issue) vs wall time per step, then cProfile's self time per package and top functions."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issued_ms = (time.perf_counter() - start) * 1000 / steps
+    synchronize()
+    wall_ms = (time.perf_counter() - start) * 1000 / steps
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    stats.dump_stats(str(out / f"{name}.host.pstats"))
+    by_package: dict[str, float] = defaultdict(float)
+    for (filename, _, _), (_, _, self_s, _, _) in stats.stats.items():
+        by_package[package_of(filename)] += self_s * 1000 / steps
+    total = sum(by_package.values())
+    print(f"\n{name}: issuing a step takes {issued_ms:.1f} ms of host time, the step {wall_ms:.1f} ms of wall time")
+    print(f"under cProfile, {total:.1f} ms of Python per step; self time by package:")
+    for package, ms in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        print(f"  {package:14s} {ms:8.1f} ms  {ms / total:6.1%}")
+    print(f"top {top} functions by self time (ms per step, calls per step):")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    for (filename, line, function), (_, calls, self_s, cum_s, _) in rows:
+        where = function if filename == "~" else f"{Path(filename).name}:{line}({function})"
+        print(f"  {self_s * 1000 / steps:8.2f} self {cum_s * 1000 / steps:8.2f} cum {calls / steps:7g}x  {where[:90]}")
 
 
 def category(kernel: str) -> str:
@@ -78,7 +134,7 @@ def decode_step(system, run, batch: int, prompt_len: int, args, device):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -89,8 +145,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default="prof")
     p.add_argument("--decode", action="store_true", help="profile one decode step after a prompt of the shape")
+    p.add_argument("--host", action="store_true", help="profile the host's Python instead of the kernels")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script: there are no kernels")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     run = load_run_config(args.config, args.overrides)
     ops.set_kernels(run.kernels, run.reference_ops)
@@ -110,6 +167,11 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     synchronize()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.host:
+        host_profile(step, args.steps, synchronize, out, f"{args.system}-{args.shape}", args.top)
+        return
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -123,8 +185,6 @@ def main() -> None:
             step()
         synchronize()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / f"{args.system}-{args.shape}.trace.json"))
     kernels: dict[str, float] = defaultdict(float)  # kernel name -> device ms per step
     counts: dict[str, int] = defaultdict(int)

@@ -1,0 +1,49 @@
+"""benchmarks/profile_step.py's host mode: packages are attributed from file paths, and a CPU run prints a
+self-time table whose shares add up (the GPU numbers come from the device, never from a test)."""
+
+import re
+
+import pytest
+import yaml
+
+BENCH_MODEL = {
+    "vocab_size": 100,
+    "d_model": 32,
+    "pattern": "M-*-",
+    "mamba": {"d_state": 8, "head_dim": 16, "chunk_size": 16},
+    "attention": {"n_heads": 2},
+    "mlp": {"d_ff": 64},
+}
+
+
+@pytest.fixture
+def profile_step(load_benchmark):
+    return load_benchmark("profile_step")
+
+
+@pytest.mark.parametrize(
+    "filename, package",
+    [
+        ("~", "built-in"),
+        ("/usr/lib/python3.12/site-packages/triton/runtime/autotuner.py", "triton"),
+        ("/tmp/site/mamba_ssm/ops/triton/ssd_combined.py", "mamba_ssm"),  # not triton: the package comes first
+        ("/venv/lib/python3.11/site-packages/torch/autograd/function.py", "torch"),
+        ("/work/main/hybridlm/model/block.py", "hybridlm"),
+        ("/usr/lib/python3.11/functools.py", "other"),
+    ],
+)
+def test_functions_are_attributed_to_their_package(profile_step, filename, package):
+    assert profile_step.package_of(filename) == package
+
+
+def test_host_mode_on_cpu_prints_shares_that_add_up(profile_step, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": BENCH_MODEL}))
+    out = tmp_path / "prof"
+    argv = [str(config), "--device", "cpu", "--shape", "2x32", "--warmup", "1", "--steps", "2", "--host"]
+    profile_step.main(argv + ["--out", str(out), "--top", "5"])
+    text = capsys.readouterr().out
+    assert re.search(r"issuing a step takes [\d.]+ ms of host time, the step [\d.]+ ms of wall time", text)
+    shares = [float(x) for x in re.findall(r"^  \S+ +[\d.]+ ms +([\d.]+)%$", text, flags=re.M)]
+    assert "hybridlm" in text and sum(shares) == pytest.approx(100, abs=0.5)
+    assert (out / "hybridlm-2x32.host.pstats").is_file()
