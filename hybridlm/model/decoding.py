@@ -40,6 +40,9 @@ class EagerDecoder:
         """Feed one token per row (batch,); returns the logits (batch, vocab) of the next."""
         return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
 
+    def require_room(self, batch: int, positions: int) -> None:
+        """Any batch and length fit: the KV buffers grow when they must."""
+
 
 class GraphedDecoder:
     """One-token steps of fixed shape, replayed from a CUDA graph (``capture=False`` runs the same
@@ -81,14 +84,17 @@ class GraphedDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run_step()
 
+    def require_room(self, batch: int, positions: int) -> None:
+        """Raise unless ``batch`` rows of ``positions`` cached tokens fit the captured buffers."""
+        if batch != self.batch or positions > self.max_seqlen:
+            raise ValueError(
+                f"{batch} row(s) of {positions} positions do not fit a decoder captured for batch {self.batch} "
+                f"and {self.max_seqlen} positions"
+            )
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        batch, seqlen = input_ids.shape
-        if batch != self.batch or seqlen >= self.max_seqlen:
-            raise ValueError(
-                f"prompt of shape {tuple(input_ids.shape)} does not fit a decoder captured for batch {self.batch} "
-                f"and {self.max_seqlen} positions (the prompt plus at least one new token)"
-            )
+        self.require_room(*input_ids.shape)
         self.cache.set_length(0)
         return self.model(input_ids, cache=self.cache, num_last_tokens=1).logits[:, -1]
 
@@ -127,6 +133,8 @@ def decode(
 ) -> torch.Tensor:
     """Prefill ``input_ids``, then sample up to ``max_new_tokens`` with ``sample_fn(logits) -> tokens``;
     returns prompt + new tokens. Stops early when every row has produced ``eos_token_id``."""
+    # the last new token is sampled, never fed back: the cache holds prompt + new - 1 positions at most
+    decoder.require_room(input_ids.shape[0], input_ids.shape[1] + max(max_new_tokens - 1, 0))
     tokens = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     logits = decoder.prefill(input_ids)

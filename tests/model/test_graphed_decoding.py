@@ -74,16 +74,26 @@ def test_graphed_generate_equals_eager_generate(tiny_model):
 def test_what_the_decoder_cannot_hold_is_refused(tiny_model):
     model = tiny_model(pattern="M*-")
     decoder = GraphedDecoder(model, batch=2, max_seqlen=6, capture=False)
-    with pytest.raises(ValueError, match="batch 2 and 6 positions"):
+    with pytest.raises(ValueError, match="1 row.* of 3 positions do not fit .* batch 2 and 6 positions"):
         decoder.prefill(torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="batch 2 and 6 positions"):
-        decoder.prefill(torch.zeros(2, 6, dtype=torch.long))  # no room left for a new token
+    with pytest.raises(ValueError, match="2 row.* of 7 positions do not fit"):
+        decoder.prefill(torch.zeros(2, 7, dtype=torch.long))
     with torch.no_grad():
         logits = decoder.prefill(torch.zeros(2, 4, dtype=torch.long))
         logits = decoder.step(logits.argmax(-1))
         decoder.step(logits.argmax(-1))  # position 5, the last one
         with pytest.raises(ValueError, match="6 positions and all are filled"):
             decoder.step(logits.argmax(-1))
+
+
+def test_generate_checks_the_decoders_room_before_any_work(tiny_model):
+    model = tiny_model(pattern="M*-")
+    decoder = GraphedDecoder(model, batch=1, max_seqlen=8, capture=False)
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="of 9 positions do not fit"):
+        model.generate(prompt, max_new_tokens=6, decoder=decoder)  # 4 + 6 - 1 positions
+    assert decoder.cache.seqlen_offset == 0  # nothing was prefilled
+    assert model.generate(prompt, max_new_tokens=5, decoder=decoder).shape == (1, 9)  # 4 + 5 - 1 = 8 fits
 
 
 def test_capture_needs_cuda_and_no_moe(tiny_model):
