@@ -88,6 +88,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread costs far more than it saves. Modules
+    that want it use it (``pytest.mark.usefixtures("one_thread")`` or an autouse wrapper in a conftest);
+    the thread count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def load_benchmark():
     """Import a script of benchmarks/ (not a package) by file name: ``load_benchmark("recall")``."""

@@ -7,12 +7,8 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up and contention on a shared CPU cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every conversion test runs single-threaded (tests/conftest.py's ``one_thread``)."""
 
 
 @torch.no_grad()

@@ -6,19 +6,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from hybridlm.data.sources import DEFAULT_CORPUS_DIR, read_txt
 from hybridlm.data.tokenizer import train_bpe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's cores are shared: these tests use one, and give the rest back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every recall / inspect test runs single-threaded (tests/conftest.py's ``one_thread``)."""
 
 
 @pytest.fixture(scope="session")

@@ -42,14 +42,7 @@ FINETUNE = [
 ]
 LORA = ["finetune.lora.r=16", "finetune.lora.alpha=64", f"finetune.lora.target_modules={TARGETS}"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared 2-core machine, a second thread costs far more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run single-threaded
 
 
 def reverse_words_texts() -> list[str]:
