@@ -85,6 +85,12 @@ for phase in "$@"; do
     profile)
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;
+    graphtrain)  # the CUDA-graphed training step: its GPU tests, then what it gains where the host bound the step
+      run graph-tests 240 python3 -m pytest -q -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider
+      run graph-bench 300 python3 -m hybridlm bench $CFG --shapes 2x4096,8x4096 --systems hybridlm,mamba_ssm \
+        --ablate cuda_graph --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run graph-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -37,6 +37,7 @@ from hybridlm.convert.common import decoder_layers
 from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model import HybridLM
 from hybridlm.model.decoding import GraphedDecoder, graph_unsupported
+from hybridlm.train.graphed_step import GraphedTraining, training_graph_unsupported
 
 DEFAULT_SHAPES = [(8, 4096), (2, 16384), (1, 32768)]  # (batch, seq_len)
 DEFAULT_OUT = Path("benchmarks/results/bench.jsonl")
@@ -46,6 +47,7 @@ REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over
 LONGEST_LIMIT = 1 << 18
 # Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
 LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "cross_entropy")
+ABLATIONS = (*LEVERS, "fused_adamw", "cuda_graph")  # what --ablate can turn off, one at a time
 LOSS_CHUNK_TOKENS = 8192  # the chunked cross-entropy of the memory-saving mode
 
 
@@ -298,9 +300,12 @@ def measure_training(
     device: torch.device,
     memory_saving: bool = False,
     fused_optimizer: bool = True,
+    cuda_graph: bool = True,
 ) -> dict:
     """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM".
-    ``memory_saving``: with activation checkpointing (and chunked loss) where the system has them."""
+    ``memory_saving``: with activation checkpointing (and chunked loss) where the system has them.
+    ``cuda_graph``: hybridlm models replay forward and backward from CUDA graphs where the trainer would
+    (``train.cuda_graph: auto``); never in memory-saving mode, where steps are long and GPU-bound."""
     row: dict[str, Any] = {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len}
     row["flops_per_token"] = system_flops_per_token(system, cfg, seq_len)
     row["note"] = system_note(system, cfg)
@@ -314,6 +319,9 @@ def measure_training(
         torch.manual_seed(0)
         model = system.build(cfg).to(device)
         row["memory_saving"] = save_memory(model) if memory_saving else False
+        row["cuda_graph"] = uses_training_graph(model, device, cuda_graph and not memory_saving)
+        if row["cuda_graph"]:
+            GraphedTraining(model)
         input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
         seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device, fused_optimizer)
     except torch.OutOfMemoryError:
@@ -325,6 +333,11 @@ def measure_training(
     del model
     _release(device)
     return row
+
+
+def uses_training_graph(model: nn.Module, device: torch.device, wanted: bool) -> bool:
+    """Whether ``model``'s training step replays CUDA graphs: hybridlm models, where the trainer would."""
+    return wanted and isinstance(model, HybridLM) and training_graph_unsupported(model.cfg, device, 0) is None
 
 
 def longest_sequence(
@@ -347,20 +360,43 @@ def longest_sequence(
 
 
 def ablation_rows(
-    cfg: ModelConfig, shapes: list[tuple[int, int]], warmup: int, steps: int, device: torch.device
+    cfg: ModelConfig,
+    shapes: list[tuple[int, int]],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    levers: tuple[str, ...] = ABLATIONS,
 ) -> Iterator[dict]:
-    """hybridlm with each of ``LEVERS`` off in turn (system "hybridlm -LEVER"), then with the multi-tensor
-    AdamW in place of the fused one ("hybridlm -fused_adamw"), yielded as measured: the ratio column then
-    reads as what that one lever gains."""
+    """hybridlm with each of ``levers`` off in turn (system "hybridlm -LEVER"), yielded as measured: the
+    ratio column then reads as what that one lever gains. A fused op off runs its reference composition;
+    ``fused_adamw`` off is the multi-tensor AdamW; ``cuda_graph`` off (where the step has graphs) launches
+    every kernel of the step from Python."""
     system = SYSTEMS[REFERENCE_SYSTEM]
-    for lever in LEVERS:
+    for lever in levers:
+        if lever == "cuda_graph" and training_graph_unsupported(cfg, device, 0) is not None:
+            continue
         for batch, seq_len in shapes:
-            with ops.reference_ops(lever):
-                row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
+            if lever in LEVERS:
+                with ops.reference_ops(lever):
+                    row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
+            else:
+                off = {"fused_adamw": {"fused_optimizer": False}, "cuda_graph": {"cuda_graph": False}}[lever]
+                row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, **off)
             yield {**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever}
-    for batch, seq_len in shapes:
-        row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, fused_optimizer=False)
-        yield {**row, "system": f"{REFERENCE_SYSTEM} -fused_adamw", "without": "fused_adamw"}
+
+
+def parse_ablate(text: str | None) -> tuple[str, ...]:
+    """``--ablate``: nothing (None), every lever ("all") or a comma-separated list of ``ABLATIONS``."""
+    if text is None:
+        return ()
+    if text.strip().lower() == "all":
+        return ABLATIONS
+    levers = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in levers if t not in ABLATIONS]
+    if unknown or not levers:
+        named = ", ".join(unknown) or repr(text)
+        raise ValueError(f"--ablate: unknown lever {named} (choose from all or {', '.join(ABLATIONS)})")
+    return levers
 
 
 def _decode_model(system: System, cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -577,7 +613,7 @@ def run_bench(
     out_jsonl: Path = DEFAULT_OUT,
     *,
     longest: bool = False,
-    ablate: bool = False,
+    ablate: tuple[str, ...] = (),
     decode_prompt: int = 32768,
     decode_tokens: int = 256,
     device: str | None = None,
@@ -586,9 +622,9 @@ def run_bench(
     append the rows to ``out_jsonl`` and return them. Systems that cannot run here are skipped with a note.
 
     ``longest`` (CUDA only) adds the longest batch-1 sequence each system trains, by doubling; ``ablate``
-    adds hybridlm with each fused lever off in turn (and, with ``decode`` where the step can be captured,
-    decoding without CUDA graphs); ``decode`` adds generation of ``decode_tokens`` (>= 2) after a
-    ``decode_prompt``-token prompt at batch 1 and 16."""
+    adds hybridlm with each lever it names off in turn (``ABLATIONS``; with ``cuda_graph`` and ``decode``
+    where the step can be captured, also decoding without CUDA graphs); ``decode`` adds generation of
+    ``decode_tokens`` (>= 2) after a ``decode_prompt``-token prompt at batch 1 and 16."""
     run = load_run_config(config_path, overrides)
     cfg = run.model
     _check_inputs(cfg, shapes, systems, warmup, steps)
@@ -626,7 +662,7 @@ def run_bench(
             elif (row := longest_sequence(system, cfg, max(s for _, s in shapes), dev)) is not None:
                 record(row)
     if ablate:
-        for row in ablation_rows(cfg, shapes, warmup, steps, dev):
+        for row in ablation_rows(cfg, shapes, warmup, steps, dev, ablate):
             record(row)
     if decode:
         for system in chosen:
@@ -634,7 +670,7 @@ def run_bench(
                 continue
             for batch in DECODE_BATCHES:
                 record(measure_decode(system, cfg, batch, decode_prompt, decode_tokens, dev))
-        if ablate and graph_unsupported(cfg, dev) is None:
+        if "cuda_graph" in ablate and graph_unsupported(cfg, dev) is None:
             for batch in DECODE_BATCHES:  # the CUDA-graph lever: the same decoding, each step launched eagerly
                 row = measure_decode(SYSTEMS[REFERENCE_SYSTEM], cfg, batch, decode_prompt, decode_tokens, dev, False)
                 record({**row, "system": f"{REFERENCE_SYSTEM} -cuda_graph", "without": "cuda_graph"})

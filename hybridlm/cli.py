@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-prompt", type=int, default=32768)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--longest", action="store_true", help="search the longest single sequence that trains (GPU)")
-    p.add_argument("--ablate", action="store_true", help="also hybridlm with each fused lever off in turn")
+    p.add_argument(
+        "--ablate",
+        nargs="?",
+        const="all",
+        metavar="LEVERS",
+        help="also hybridlm with each lever off in turn: all (no value) or a comma list, e.g. cuda_graph,swiglu",
+    )
     p.add_argument("--out", default="benchmarks/results/bench.jsonl")
     p.set_defaults(func=_bench)
 
@@ -235,7 +241,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from hybridlm.bench import parse_shapes, run_bench
+    from hybridlm.bench import parse_ablate, parse_shapes, run_bench
 
     run_bench(
         args.config,
@@ -247,7 +253,7 @@ def _bench(args: argparse.Namespace) -> None:
         args.decode,
         Path(args.out),
         longest=args.longest,
-        ablate=args.ablate,
+        ablate=parse_ablate(args.ablate),
         decode_prompt=args.decode_prompt,
         decode_tokens=args.decode_tokens,
     )

@@ -310,6 +310,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # NaN/inf steps in a row before stopping
     sample_tokens: int = 64  # tokens generated at the end as a sample (0 = none)
     loss_chunk_tokens: int = 0  # > 0: cross-entropy over chunks of this many tokens (long sequences, big vocab)
+    # replay each micro-batch's forward and backward from CUDA graphs (auto: on CUDA, without MoE or ZeRO-3)
+    cuda_graph: Literal["auto"] | bool = "auto"
 
 
 @dataclass
@@ -353,6 +355,11 @@ def validate_run(cfg: RunConfig) -> None:
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
     _validate_train(t)
+    if t.cuda_graph is True and (t.zero_stage == 3 or "E" in cfg.model.layers):
+        raise ConfigError(
+            "train.cuda_graph=true replays fixed buffers and shapes: not with train.zero_stage=3 (it re-gathers "
+            "parameters every step) or MoE layers in model.pattern (routing gives data-dependent shapes)"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     for i, s in enumerate(cfg.data.sources):

@@ -38,6 +38,7 @@ __all__ = [
     "set_kernels",
     "ssd_scan",
     "swiglu",
+    "syncs_host_on_packed_rows",
 ]
 
 
@@ -107,6 +108,13 @@ def attention(q, k, v, causal=True, window=None, doc_ids=None, scale=None, query
         return _attn.attention_flash(q, k, v, causal, window, doc_ids, scale)
     impl = _attn.attention_sdpa if choice == "sdpa" else _attn.attention_ref
     return impl(q, k, v, causal, window, doc_ids, scale, query_start)
+
+
+def syncs_host_on_packed_rows(device: torch.device) -> bool:
+    """Whether attention over packed rows on ``device`` reads a device value on the host (flash-attn's
+    variable-length call takes the longest document's length as a Python int): a CUDA graph cannot
+    capture that. Conservative: flash-attn's fp32 calls, which go to SDPA, count too."""
+    return choose("attention", device) == "fused"
 
 
 def rms_norm(x, weight, eps) -> torch.Tensor:

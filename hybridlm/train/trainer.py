@@ -47,6 +47,7 @@ from hybridlm.train import checkpoint as ckpt_io
 from hybridlm.train.data import make_loader, task_source
 from hybridlm.train.engine import barrier, build_engine, deepspeed_config, init_distributed, resolve_precision
 from hybridlm.train.faults import StopRequest, TrainingDiverged, poison_if_nonfinite
+from hybridlm.train.graphed_step import GraphedTraining, installed_graph, resolve_cuda_graph
 from hybridlm.train.init_from import (
     InitSource,
     config_diff,
@@ -94,7 +95,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             check_vocab(model_cfg, tokenizer, source.tokenizer_dir or cfg.init_from)
     if resume_from:
         check_resumable(trainer_state, model_cfg, cfg.finetune, resume_from)
-    engine = build_training_engine(cfg, model_cfg, world_size, precision, resume_from, init_weights, device)
+    cuda_graph = resolve_cuda_graph(cfg.train, model_cfg, device)
+    engine = build_training_engine(cfg, model_cfg, world_size, precision, resume_from, init_weights, device, cuda_graph)
     del init_weights  # the model holds its own copy now
     run = Run(cfg, model_cfg, engine, prepared, tokenizer, rank, world_size, device, precision)
     if resume_from:
@@ -131,9 +133,12 @@ def build_training_engine(
     resume_from: Path | None,
     init_weights: dict[str, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    cuda_graph: bool = False,
 ):
     """The model, our AdamW over its trainable parameters, and the DeepSpeed engine. On CUDA the AdamW
     step is torch's fused kernel (one launch for all parameters; the bench measures what it gains).
+    ``cuda_graph``: the model's training forward and backward replay CUDA graphs (``GraphedTraining``),
+    installed after DeepSpeed has placed the parameters, which the graphs then read in place.
 
     Order: build, load ``init_weights`` (plain names), adapt per ``finetune:`` (LoRA renames the adapted
     layers' weights), then load a resumed checkpoint, which holds the adapted names.
@@ -156,7 +161,10 @@ def build_training_engine(
         eps=1e-8,
         fused=device is not None and device.type == "cuda",
     )
-    return build_engine(model, optimizer, deepspeed_config(t, world_size, precision, model))
+    engine = build_engine(model, optimizer, deepspeed_config(t, world_size, precision, model))
+    if cuda_graph:
+        GraphedTraining(model)
+    return engine
 
 
 def adapt_for_finetuning(model: HybridLM, finetune: FinetuneConfig) -> HybridLM:
@@ -275,7 +283,8 @@ class Run:
             f"model: {_count(self.engine.module.parameters()) / 1e6:.2f}M parameters, layers {m.layers}, "
             f"vocab {m.vocab_size}" + (f" (tokenizer {len(self.tokenizer)})" if self.tokenizer is not None else ""),
             f"engine: DeepSpeed ZeRO-{t.zero_stage}, {self.world_size} rank(s) on {self.device.type}, "
-            f"precision {self.precision}, activation checkpointing {t.activation_checkpointing}",
+            f"precision {self.precision}, activation checkpointing {t.activation_checkpointing}, "
+            f"CUDA graphs {'on' if installed_graph(self.engine.module) else 'off'}",
             f"batch: {t.micro_batch_size} x {t.seq_len} tokens x {t.grad_accum} accum x {self.world_size} ranks "
             f"= {self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOPs/token (train)",
             "kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()),
