@@ -17,7 +17,7 @@ CFG=configs/hybrid-500m.yaml
 run() {  # run NAME SECONDS CMD...: bounded, logged, never aborts the session
   local name=$1 secs=$2; shift 2
   echo "== $name"
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "   rc=$? $(date +%T)"
+  timeout -k 10 "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "   rc=$? $(date +%T)"
   tail -n 40 "$OUT/$name.log" | grep -v "^INFO" | tail -n 25
 }
 for phase in "$@"; do
@@ -85,8 +85,9 @@ for phase in "$@"; do
     profile)
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;
-    graphtrain)  # the CUDA-graphed training step: its GPU tests, then what it gains where the host bound the step
-      run graph-tests 240 python3 -m pytest -q -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider
+    graphtests)  # the CUDA-graphed training step against the eager model, and in the trainer (cold: minutes)
+      run graph-tests 400 python3 -m pytest -q -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider ;;
+    graphtrain)  # what the CUDA-graphed training step gains where the host bound the step, and at 8x4096
       run graph-bench 300 python3 -m hybridlm bench $CFG --shapes 2x4096,8x4096 --systems hybridlm,mamba_ssm \
         --ablate cuda_graph --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       run graph-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
