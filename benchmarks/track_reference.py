@@ -7,8 +7,9 @@ compare the loss curves step by step.
 Runs ``train.py CONFIG [overrides] kernels=auto`` into ``OUT_DIR/fast`` and the same with ``kernels=reference``
 into ``OUT_DIR/reference``, one subprocess each, one after the other or, with ``--parallel``, at the same
 time (logs: ``OUT_DIR/fast.log``, ``OUT_DIR/reference.log``). Both use the config's seed and data, so the
-only difference is the kernels. The two run directories are deleted first: a stale ``metrics.jsonl`` or
-checkpoint must not mix into the curves.
+only difference is the kernels, and that the reference runs its steps as written (``train.cuda_graph=false``)
+where the fast path replays CUDA graphs when it can. The two run directories are deleted first: a stale
+``metrics.jsonl`` or checkpoint must not mix into the curves.
 
 The script always sets ``out_dir``, ``train.max_steps=N``, ``kernels`` and ``train.log_every=1`` (one
 ``metrics.jsonl`` row per step: the per-step loss, averaged over ``grad_accum``); overriding those is an error.
@@ -196,6 +197,8 @@ def check_overrides(overrides: list[str]) -> None:
 def train_command(config: str, overrides: list[str], run_dir: Path, steps: int, kernels: str) -> list[str]:
     """``python train.py CONFIG defaults overrides forced``: the user's overrides win over the defaults."""
     forced = [f"out_dir={run_dir}", f"train.max_steps={steps}", "train.log_every=1", f"kernels={kernels}"]
+    if kernels == "reference":  # the ground truth runs as written: no CUDA-graphed step
+        forced.append("train.cuda_graph=false")
     return [sys.executable, str(TRAIN_SCRIPT), config, *DEFAULT_OVERRIDES, *overrides, *forced]
 
 

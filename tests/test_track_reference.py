@@ -122,6 +122,7 @@ args = dict(a.split("=", 1) for a in sys.argv[2:])
 out, steps = Path(args["out_dir"]), int(args["train.max_steps"])
 out.mkdir(parents=True)
 assert args["train.log_every"] == "1" and args["train.eval_every"] == "0"
+assert (args.get("train.cuda_graph") == "false") == (args["kernels"] == "reference")  # the reference runs eagerly
 print("kernels: attention=" + args["kernels"])
 stop = int(args.get("stop_fast_at", steps)) if args["kernels"] == "auto" else steps
 with open(out / "metrics.jsonl", "w") as f:

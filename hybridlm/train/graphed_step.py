@@ -121,6 +121,9 @@ class CapturedLoss:
             self.loss = self._loss()
         with torch.cuda.graph(backward, pool=pool):
             self.grads = torch.autograd.grad(self.loss, self.params, self.grad_loss, allow_unused=True)
+        # Keep the loss buffer, drop its autograd graph: that graph's gradient-accumulation nodes belong to
+        # the capture stream, and autograd would reuse them (with a stream sync) for every replayed backward.
+        self.loss = self.loss.detach()
         self.graphs = (forward, backward)
 
     def forward(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
