@@ -85,6 +85,13 @@ for phase in "$@"; do
     profile)
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;
+    track+graphtests)  # 200 tracked steps (fast path with CUDA graphs vs eager reference) beside the graph tests
+      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" --parallel &
+      run graph-tests 540 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider --durations=0
+      wait
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
     graphtests)  # the CUDA-graphed training step against the eager model, and in the trainer (cold: minutes)
       run graph-tests 400 python3 -m pytest -q -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider ;;
     graphtrain)  # what the CUDA-graphed training step gains where the host bound the step, and at 8x4096
