@@ -33,7 +33,7 @@ from hybridlm.model.decoding import graph_unsupported
 from hybridlm.model.model import LMOutput
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Iterator
 
     from hybridlm.config import ModelConfig
     from hybridlm.model.model import HybridLM
@@ -66,15 +66,14 @@ class CapturedLoss:
     CUDA graphs over static input, loss and gradient buffers. ``capture=False`` runs the same
     procedure eagerly on every call (what a CPU test can check)."""
 
-    def __init__(
-        self,
-        model: HybridLM,
-        eager_forward: Callable[..., LMOutput],
-        batch: dict[str, torch.Tensor | None],
-        capture: bool = True,
-    ):
-        self.eager_forward = eager_forward
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: HybridLM, batch: dict[str, torch.Tensor | None], capture: bool = True):
+        self.model = model
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trained]
+        # The graphs differentiate with respect to aliases of the parameters (same storage, fresh autograd
+        # leaves): autograd's accumulation nodes of the parameters themselves may be held by others (ZeRO-2
+        # hooks) on another stream, and a captured backward must not synchronise with it.
+        self.leaves = {name: p.detach().requires_grad_() for name, p in trained}
         self.inputs = {k: None if v is None else v.clone() for k, v in batch.items()}
         # The autocast of the first call is baked into the graph; later calls must run under the same one.
         self.autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
@@ -103,15 +102,22 @@ class CapturedLoss:
         # Autocast's weight cache would keep the casts of the first capture's weights: off, every
         # replay casts the current weights.
         enabled = self.autocast_dtype is not None
-        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled, cache_enabled=False):
-            return self.eager_forward(**self.inputs).loss
+        autocast = torch.autocast(
+            "cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled, cache_enabled=False
+        )
+        with autocast, _as_written(self.model):
+            return torch.func.functional_call(self.model, self.leaves, kwargs=self.inputs).loss
+
+    def _grads(self) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(self.loss, list(self.leaves.values()), self.grad_loss, allow_unused=True)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                torch.autograd.grad(self._loss(), self.params, allow_unused=True)
+                self.loss = self._loss()
+                self._grads()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's blocks belong to the side stream: give them back
@@ -120,10 +126,8 @@ class CapturedLoss:
         with torch.cuda.graph(forward, pool=pool):
             self.loss = self._loss()
         with torch.cuda.graph(backward, pool=pool):
-            self.grads = torch.autograd.grad(self.loss, self.params, self.grad_loss, allow_unused=True)
-        # Keep the loss buffer, drop its autograd graph: that graph's gradient-accumulation nodes belong to
-        # the capture stream, and autograd would reuse them (with a stream sync) for every replayed backward.
-        self.loss = self.loss.detach()
+            self.grads = self._grads()
+        self.loss = self.loss.detach()  # keep the loss buffer, drop the autograd graph it no longer needs
         self.graphs = (forward, backward)
 
     def forward(self, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -151,7 +155,7 @@ class CapturedLoss:
             raise RuntimeError("backward of the CUDA-graphed step without a forward")
         self.grad_loss.copy_(grad_loss)
         if self.graphs is None:
-            grads = torch.autograd.grad(self.loss, self.params, self.grad_loss, allow_unused=True)
+            grads = self._grads()
             if not self.grads:
                 self.grads = tuple(None if g is None else torch.empty_like(g) for g in grads)
             for static, g in zip(self.grads, grads, strict=True):
@@ -206,7 +210,7 @@ class GraphedTraining:
         if self.captured is None:
             what = "captured" if self.capture else "run eagerly (capture=False)"
             log.info("training step of batch %s: forward and backward %s as CUDA graphs", tuple(input_ids.shape), what)
-            self.captured = CapturedLoss(self.model, self.eager_forward, batch, self.capture)
+            self.captured = CapturedLoss(self.model, batch, self.capture)
         params = self.captured.params
         return LMOutput(None, _Replay.apply(self.captured, batch, *params))
 
@@ -214,6 +218,17 @@ class GraphedTraining:
         with contextlib.suppress(AttributeError):
             del self.model.forward  # the instance attribute: the class's forward shows again
         self.captured = None
+
+
+@contextlib.contextmanager
+def _as_written(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` with its class's forward while the step is warmed up, captured or run eagerly."""
+    installed = model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if installed is not None:
+            model.forward = installed
 
 
 def installed_graph(model: torch.nn.Module) -> GraphedTraining | None:
