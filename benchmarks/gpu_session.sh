@@ -92,6 +92,11 @@ for phase in "$@"; do
       run graph-tests 540 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider --durations=0
       wait
       cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    graphfinal)  # the HF anchors at 2x4096 and the 1x32768 shape, with and without the graphed step
+      run graph-hf 170 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run graph-32k 300 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems hybridlm,mamba_ssm \
+        --ablate cuda_graph --warmup 2 --steps 4 --out "$OUT/bench.jsonl" ;;
     graphtests)  # the CUDA-graphed training step against the eager model, and in the trainer (cold: minutes)
       run graph-tests 400 python3 -m pytest -q -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider ;;
     graphtrain)  # what the CUDA-graphed training step gains where the host bound the step, and at 8x4096

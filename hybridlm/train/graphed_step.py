@@ -119,6 +119,9 @@ class CapturedLoss:
                 self.loss = self._loss()
                 self._grads()
         torch.cuda.current_stream().wait_stream(side)
+        # Drop the last warm-up graph: alive, its leaves' accumulation nodes (made on the side stream) would
+        # be reused by the capture, which would then wait on the side stream.
+        self.loss = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's blocks belong to the side stream: give them back
         pool = torch.cuda.graph_pool_handle()
