@@ -309,6 +309,7 @@ def measure_training(
     row: dict[str, Any] = {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len}
     row["flops_per_token"] = system_flops_per_token(system, cfg, seq_len)
     row["note"] = system_note(system, cfg)
+    row["cuda_graph"] = False
     if fault := int32_fault(system, cfg, batch, seq_len):
         row.update(status="skipped", tokens_per_step=batch * seq_len, tokens_per_s=None, mfu=None, note=fault)
         return {**row, "peak_memory_bytes": None, "memory_saving": memory_saving}
