@@ -161,28 +161,26 @@ def test_cuda_graph_setting(tiny_config):
 # GPU: the captured graphs
 
 
-def gpu_hybrid(version: int = 2, pattern: str = "M*-M*-") -> ModelConfig:
-    return ModelConfig.from_dict(
-        {
-            "vocab_size": 256,
-            "d_model": 128,
-            "pattern": pattern,
-            "mamba": {"version": version, "d_state": 16, "head_dim": 32, "ngroups": 2, "chunk_size": 32},
-            "attention": {"n_heads": 4, "n_kv_heads": 2},
-        }
-    )
+# Kernel-sized widths (the Triton kernels want head_dim and chunk_size of 16 and up)
+GPU_SIZES = {
+    "vocab_size": 256,
+    "d_model": 128,
+    "mamba": {"d_state": 16, "head_dim": 32, "chunk_size": 32},
+    "mlp": {"d_ff": 0},  # 0: the default width
+}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("version", [1, 2])
-def test_captured_step_gives_the_eager_loss_and_gradients(version, autocast):
+def test_captured_step_gives_the_eager_loss_and_gradients(tiny_config, version, autocast):
     """Two micro-batches (accumulated) then an AdamW step, three times: every loss and the final
     gradients of the graphed model against the same model run eagerly on the same fused kernels.
     Tolerance: relative 1e-4 of each gradient's largest entry in fp32, 1e-2 under bf16 autocast
     (the kernels are the same; reductions with atomics may add in another order)."""
     torch.manual_seed(0)
-    model, twin = twin_models(gpu_hybrid(version), "cuda")
+    config = tiny_config(**GPU_SIZES, pattern="M*-M*-", mamba={**GPU_SIZES["mamba"], "version": version})
+    model, twin = twin_models(config, "cuda")
     graphed = GraphedTraining(model)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (model, twin)]
     rel = 1e-2 if autocast else 1e-4
