@@ -179,7 +179,7 @@ def test_captured_step_gives_the_eager_loss_and_gradients(tiny_config, version, 
     Tolerance: relative 1e-4 of each gradient's largest entry in fp32, 1e-2 under bf16 autocast
     (the kernels are the same; reductions with atomics may add in another order)."""
     torch.manual_seed(0)
-    config = tiny_config(**GPU_SIZES, pattern="M*-M*-", mamba={**GPU_SIZES["mamba"], "version": version})
+    config = tiny_config(**{**GPU_SIZES, "pattern": "M*-M*-", "mamba": {**GPU_SIZES["mamba"], "version": version}})
     model, twin = twin_models(config, "cuda")
     graphed = GraphedTraining(model)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True) for m in (model, twin)]
