@@ -37,6 +37,7 @@ from hybridlm.convert.common import decoder_layers
 from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model import HybridLM
 from hybridlm.model.decoding import GraphedDecoder, graph_unsupported
+from hybridlm.ops.dispatch import available
 from hybridlm.train.graphed_step import GraphedTraining, training_graph_unsupported
 
 DEFAULT_SHAPES = [(8, 4096), (2, 16384), (1, 32768)]  # (batch, seq_len)
@@ -91,7 +92,7 @@ def _logits_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def mamba_ssm_rotary_dim(cfg: ModelConfig) -> int:
     """mamba_ssm applies RoPE through flash_attn's rotary kernel; without flash_attn its attention runs with
     no RoPE, which makes the anchor do slightly less work than hybridlm (a conservative comparison)."""
-    return cfg.rotary_dim if importlib.util.find_spec("flash_attn") is not None else 0
+    return cfg.rotary_dim if available("flash_attn") else 0  # dispatch's check: a broken install counts as absent
 
 
 def int32_fault(system: System, cfg: ModelConfig, batch: int, seq_len: int) -> str | None:
