@@ -104,6 +104,17 @@ for phase in "$@"; do
         --ablate cuda_graph --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       run graph-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    opvariants)  # each op's implementations, forward + backward at the 500M config's shapes
+      run op-variants 150 python3 benchmarks/op_variants.py $CFG --shape 8x4096 ;;
+    compiledtests)  # the ops torch.compile fuses, whole models and cached decoding, fused vs reference
+      run compiled-tests 200 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" ;;
+    train2)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid
+      run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
+      run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"
+      rm -f "$OUT"/prof/*.json ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

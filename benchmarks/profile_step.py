@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="prof")
     p.add_argument("--decode", action="store_true", help="profile one decode step after a prompt of the shape")
     p.add_argument("--host", action="store_true", help="profile the host's Python instead of the kernels")
+    p.add_argument("--ops", action="store_true", help="also the top torch ops by kernel time, with their input shapes")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script: there are no kernels")
     args = p.parse_args(argv)
 
@@ -209,6 +210,24 @@ def main(argv: list[str] | None = None) -> None:
     print("category        ms/step   share")
     for cat, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"{cat:14s} {ms:8.1f}  {ms / total:6.1%}")
+    if args.ops:
+        op_table(step, synchronize, args.top)
+
+
+def op_table(step, synchronize, top: int) -> None:
+    """Which torch op, with which input shapes, launched the kernels: the way to tell one layer's copy from
+    another's (a separate pass: recording shapes slows the host down)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+        record_shapes=True,
+    ) as prof:
+        step()
+        synchronize()
+    averages = prof.key_averages(group_by_input_shape=True)
+    rows = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    print("\n    ms  calls  op (input shapes)")
+    for e in rows[:top]:
+        print(f"{e.self_device_time_total / 1000:6.2f} {e.count:6d}  {e.key} {e.input_shapes}")
 
 
 if __name__ == "__main__":

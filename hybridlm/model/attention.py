@@ -60,10 +60,4 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        freqs = positions.float()[..., None] * self.inv_freq  # (..., seqlen, dim/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # broadcast over heads
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        x_rot, x_pass = x[..., : self.dim], x[..., self.dim :]
-        x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
-        return torch.cat([rotated, x_pass], dim=-1)
+        return ops.rotary(x, positions, self.inv_freq)

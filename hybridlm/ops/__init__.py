@@ -33,6 +33,7 @@ __all__ = [
     "reference_kernels",
     "reference_ops",
     "rms_norm",
+    "rotary",
     "selective_scan",
     "selective_state_update",
     "set_kernels",
@@ -110,6 +111,12 @@ def attention(q, k, v, causal=True, window=None, doc_ids=None, scale=None, query
     return impl(q, k, v, causal, window, doc_ids, scale, query_start)
 
 
+def rotary(x, positions, inv_freq) -> torch.Tensor:
+    """Rotary embedding of (batch, seqlen, heads, head_dim) ``x`` on its first ``2 * len(inv_freq)`` channels."""
+    impl = _compiled.rotary_fused if choose("rotary", x.device) == "fused" else _compiled.rotary_ref
+    return impl(x, positions, inv_freq)
+
+
 def syncs_host_on_packed_rows(device: torch.device) -> bool:
     """Whether attention over packed rows on ``device`` reads a device value on the host (flash-attn's
     variable-length call takes the longest document's length as a Python int): a CUDA graph cannot
@@ -131,7 +138,7 @@ def add_rms_norm(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-norm residual step: ``residual + x`` (just ``x`` when ``residual`` is None) and its RMSNorm.
     Returns (normed in ``x``'s dtype, the new residual in ``residual``'s dtype, else ``x``'s)."""
     if choose("add_rms_norm", x.device) == "fused":
-        return _norm.add_rms_norm_fused(x, residual, weight, eps)
+        return _compiled.add_rms_norm_fused(x, residual, weight, eps)
     residual = x if residual is None else residual + x.to(residual.dtype)
     return rms_norm(residual, weight, eps).to(x.dtype), residual
 

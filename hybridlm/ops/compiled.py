@@ -1,5 +1,6 @@
-"""Element-wise chains fused by ``torch.compile``: Inductor turns each into one Triton kernel forward
-and one backward, where eager PyTorch launches a kernel per op and stores every intermediate.
+"""Element-wise chains and row reductions fused by ``torch.compile``: Inductor turns each into one Triton
+kernel forward and one or two backward, where eager PyTorch launches a kernel per op and stores every
+intermediate.
 Compiled lazily on first use, so importing hybridlm never starts the compiler."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
+
+from hybridlm.ops.norm import rms_norm_ref
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -26,6 +29,39 @@ def _compiled(fn):
 
 def swiglu_fused(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _compiled(swiglu_ref)(gate, up)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` (``x`` when ``residual`` is None) and its RMSNorm in ``x``'s dtype."""
+    residual = x if residual is None else residual + x.to(residual.dtype)
+    return rms_norm_ref(residual, weight, eps).to(x.dtype), residual
+
+
+def add_rms_norm_fused(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    # Inductor's kernels beat mamba_ssm's Triton add + RMSNorm 1.7x at d_model 1024 (its backward is the
+    # slow part): benchmarks/op_variants.py
+    return _compiled(add_rms_norm_ref)(x, residual, weight, eps)
+
+
+def rotary_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` (batch, seqlen, heads, head_dim) at ``positions`` ((batch, seqlen) or (seqlen,))
+    on its first ``2 * len(inv_freq)`` channels (the rest pass through), rotating halves (transformers'
+    ``rotate_half`` convention)."""
+    dim = 2 * inv_freq.shape[0]
+    freqs = positions.float()[..., None] * inv_freq  # (..., seqlen, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # broadcast over heads
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+def rotary_fused(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    # eager, the rotation is ~10 kernels each way over strided halves of q and k
+    return _compiled(rotary_ref)(x, positions, inv_freq)
 
 
 def cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

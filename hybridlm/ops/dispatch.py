@@ -8,8 +8,8 @@ SDPA, which is torch's own fused kernel on every device. The choice is logged on
 
 Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``): their reference is the chain of the
 simpler ops, each dispatched on its own, so forcing only the composite to its reference measures
-exactly what fusing it gains. ``swiglu`` and ``cross_entropy`` are fused by ``torch.compile``
-(Inductor writes one Triton kernel each way).
+exactly what fusing it gains. ``add_rms_norm``, ``swiglu``, ``rotary`` and ``cross_entropy`` are fused
+by ``torch.compile`` (Inductor writes the Triton kernels).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "causal_conv1d": ("causal_conv1d",),
     "causal_conv1d_update": ("causal_conv1d",),
     "rms_norm": ("mamba_ssm",),
-    "add_rms_norm": ("mamba_ssm",),
+    "add_rms_norm": ("triton",),  # torch.compile
     "gated_rms_norm": ("mamba_ssm",),
     "swiglu": ("triton",),  # torch.compile
     "cross_entropy": ("triton",),  # torch.compile
+    "rotary": ("triton",),  # torch.compile
     "attention": ("flash_attn",),
 }
 OPS = tuple(FUSED_PACKAGES)

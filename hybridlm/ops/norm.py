@@ -1,4 +1,5 @@
-"""RMSNorm and the gated RMSNorm of Mamba-2: references and fused (mamba_ssm Triton) paths."""
+"""RMSNorm and the gated RMSNorm of Mamba-2: references and fused (mamba_ssm Triton) paths. The pre-norm
+residual step (add + RMSNorm) is fused by torch.compile: ``hybridlm.ops.compiled``."""
 
 from __future__ import annotations
 
@@ -35,13 +36,3 @@ def gated_rms_norm_fused(
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
 
     return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
-
-
-def add_rms_norm_fused(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
-
-    # one pass: residual + x, then its RMSNorm; the norm comes out in x's dtype, the sum in residual's
-    normed, residual_out = rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True)
-    return normed, residual_out

@@ -27,7 +27,7 @@ orders of magnitude, so they are compared relative to their largest entry).
     attention                                                         bf16   2e-2   2e-2   3e-2
     ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
-               swiglu, cross_entropy (torch.compile)                  bf16   2e-2   2e-2   2e-2
+               swiglu, rotary, cross_entropy (torch.compile)          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
     model                                                             bf16   1e-1   5e-2   5e-2
 
@@ -50,7 +50,15 @@ import torch
 from hybridlm import HybridLM, ModelConfig, ops
 from hybridlm.model import InferenceCache
 from hybridlm.ops.attn import attention_flash, attention_ref, attention_sdpa
-from hybridlm.ops.compiled import cross_entropy_fused, cross_entropy_ref, swiglu_fused, swiglu_ref
+from hybridlm.ops.compiled import (
+    add_rms_norm_fused,
+    cross_entropy_fused,
+    cross_entropy_ref,
+    rotary_fused,
+    rotary_ref,
+    swiglu_fused,
+    swiglu_ref,
+)
 from hybridlm.ops.conv import (
     causal_conv1d_fused,
     causal_conv1d_ref,
@@ -58,7 +66,6 @@ from hybridlm.ops.conv import (
     causal_conv1d_update_ref,
 )
 from hybridlm.ops.norm import (
-    add_rms_norm_fused,
     gated_rms_norm_fused,
     gated_rms_norm_ref,
     rms_norm_fused,
@@ -435,6 +442,18 @@ def case_swiglu(dtype):
     return Case("norm", swiglu_fused, swiglu_ref, inputs, grads=("gate", "up"))
 
 
+def case_rotary(dtype):
+    """Partial RoPE (half of each head rotated), positions restarting mid-row as in packed rows."""
+    positions = torch.cat([torch.arange(40), torch.arange(24)]).repeat(2, 1).cuda()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=FP32, device="cuda") / 32))
+    inputs = {"x": cuda(2, 64, 4, 64, dtype=dtype)}
+
+    def run(impl):
+        return lambda x: impl(x, positions, inv_freq)
+
+    return Case("norm", run(rotary_fused), run(rotary_ref), inputs, grads=("x",))
+
+
 def case_cross_entropy(dtype):
     targets = torch.randint(0, 1000, (256,), device="cuda")
     targets[::7] = -100  # ignored positions
@@ -470,6 +489,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
     "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
     "swiglu": case_swiglu,
+    "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
 }
 
