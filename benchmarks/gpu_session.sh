@@ -107,10 +107,21 @@ for phase in "$@"; do
     opvariants)  # each op's implementations, forward + backward at the 500M config's shapes
       run op-variants 150 python3 benchmarks/op_variants.py $CFG --shape 8x4096 ;;
     compiledtests)  # the ops torch.compile fuses, whole models and cached decoding, fused vs reference
-      run compiled-tests 200 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" ;;
-    train2)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid
+      run compiled-tests 240 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" --durations=10 ;;
+    track+compiledtests)  # 200 tracked steps beside the compiled ops' tests and the graphed-step tests (untimed)
+      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" --parallel &
+      run compiled-tests 240 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" --durations=10
+      run graph-tests 300 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider
+      wait
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    train2)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid, then HF's models at 2x4096
       run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run bench-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
       run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -101,8 +102,8 @@ class HybridLM(nn.Module):
         logits = self.lm_head(h)[..., : self.cfg.vocab_size]
         loss = None
         if labels is not None:
-            targets = labels[:, 1:].flatten()
-            loss = ops.cross_entropy(logits[:, :-1].flatten(0, 1), targets) / (targets != -100).sum().clamp_min(1)
+            targets = next_token_targets(labels)
+            loss = ops.cross_entropy(logits.flatten(0, 1), targets) / (targets != -100).sum().clamp_min(1)
         return LMOutput(logits, loss, aux_loss)
 
     def _context(self, input_ids, doc_ids, cache) -> LayerContext:
@@ -215,6 +216,13 @@ class HybridLM(nn.Module):
         return model
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(batch * seqlen,) targets for every position's logits: the next label, and -100 (ignored) after a row's
+    last token. Scoring all positions keeps the logits' flatten a view: slicing off the last position
+    instead copied the (tokens, vocab) logits forward and backward (7.7 ms of a 280 ms step at 8x4096)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
 def chunked_cross_entropy(
     h: torch.Tensor,  # (batch, seqlen, d_model), after the final norm
     head: nn.Module,  # the LM head, called as a module so ZeRO-3 gathers it and LoRA applies
@@ -225,8 +233,8 @@ def chunked_cross_entropy(
     """Mean next-token cross-entropy computed ``chunk_tokens`` positions at a time. Each chunk's logits are
     recomputed in backward rather than stored, so the fp32 (tokens, vocab) matrix never exists whole:
     a 131k-token sequence with a 50k vocabulary would need 26 GB for it."""
-    hidden = h[:, :-1].flatten(0, 1)
-    targets = labels[:, 1:].flatten()
+    hidden = h.flatten(0, 1)
+    targets = next_token_targets(labels)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)

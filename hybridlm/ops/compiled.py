@@ -24,7 +24,11 @@ def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 @cache
 def _compiled(fn):
-    return torch.compile(fn)  # a second shape recompiles once with dynamic shapes
+    # Dynamo compiles a function once per grad mode, dtype mix, None-or-tensor argument and (once) for
+    # dynamic shapes, and runs it eagerly past 8 such variants: a process that trains, evaluates and
+    # generates, or the test suite's many models, needs more (the limit is global; this only raises it).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn)
 
 
 def swiglu_fused(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
