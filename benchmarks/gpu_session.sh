@@ -104,6 +104,13 @@ for phase in "$@"; do
         --ablate cuda_graph --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       run graph-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    lastcall)  # a short last call: training vs mamba_ssm, the slow model / decoding cases, HF's models at 2x4096
+      run bench-train 220 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 2 --steps 6 --out "$OUT/bench.jsonl"
+      run model-tests 150 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "model_fused_matches_reference and 2-bf16 or cached_decoding" --durations=5
+      run bench-hf 100 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 2 --steps 6 --out "$OUT/bench.jsonl" ;;
     opvariants)  # each op's implementations, forward + backward at the 500M config's shapes
       run op-variants 150 python3 benchmarks/op_variants.py $CFG --shape 8x4096 ;;
     compiledtests)  # the ops torch.compile fuses, whole models and cached decoding, fused vs reference
