@@ -40,7 +40,8 @@ CATEGORIES = [
     ("ssd scan", r"chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd"),
     ("selective scan", r"selective_scan|selective_state"),
     ("conv1d", r"conv1d|causal_conv"),
-    ("norm", r"layer_norm|rms|_norm_"),
+    ("norm", r"layer_norm|rms|_norm_|rsqrt|pow_sum"),  # the last two: Inductor's add + RMSNorm kernels
+    ("rotary", r"_cos_|_sin_"),  # Inductor's rotary kernels (their names also hold "cat")
     ("loss", r"log_softmax|nll_loss|cross_entropy|softmax"),
     ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul|ampere|hopper|cublas"),
     ("copy/cast", r"copy|cast|to_copy|cat|fill"),

@@ -47,7 +47,7 @@ REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over
 # The doubling search stops here (twice the 131072-token target), bounding its time: attention is O(T^2)
 LONGEST_LIMIT = 1 << 18
 # Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
-LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "cross_entropy")
+LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy")
 ABLATIONS = (*LEVERS, "fused_adamw", "cuda_graph")  # what --ablate can turn off, one at a time
 LOSS_CHUNK_TOKENS = 8192  # the chunked cross-entropy of the memory-saving mode
 
