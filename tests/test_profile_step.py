@@ -47,3 +47,24 @@ def test_host_mode_on_cpu_prints_shares_that_add_up(profile_step, tmp_path, caps
     shares = [float(x) for x in re.findall(r"^  \S+ +[\d.]+ ms +([\d.]+)%$", text, flags=re.M)]
     assert "hybridlm" in text and sum(shares) == pytest.approx(100, abs=0.5)
     assert (out / "hybridlm-2x32.host.pstats").is_file()
+
+
+@pytest.mark.parametrize(
+    "kernel, category",
+    [  # names from a profile of the 500M config's training step on an H200
+        ("_layer_norm_bwd_kernel", "norm"),  # mamba_ssm's gated RMSNorm
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm"),  # Inductor's add + RMSNorm forward
+        ("triton_per_fused__to_copy_add_div_expand_mul_pow_sum_0", "norm"),  # ... and backward, not a copy
+        ("triton_poi_fused_mul_silu_silu_backward_0", "element-wise"),
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+        ("_chunk_scan_bwd_ddAcs_stable_kernel", "ssd scan"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64", "attention"),
+        (
+            "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<direct_copy_kernel",
+            "copy/cast",
+        ),
+        ("triton_red_fused__log_softmax__to_copy_prepare_softmax_online_0", "loss"),
+    ],
+)
+def test_kernels_fall_into_their_category(profile_step, kernel, category):
+    assert profile_step.category(kernel) == category
