@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import gc
 import importlib.metadata
-import importlib.util
 import json
 import os
 import statistics
@@ -33,10 +32,10 @@ from torch import nn
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig, load_run_config, validate_model
-from hybridlm.convert.common import decoder_layers
 from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model import HybridLM
 from hybridlm.model.decoding import GraphedDecoder, graph_unsupported
+from hybridlm.model.model import next_token_targets
 from hybridlm.ops.dispatch import available
 from hybridlm.train.graphed_step import GraphedTraining, training_graph_unsupported
 
@@ -84,9 +83,10 @@ def _hf_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _logits_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """mamba_ssm's model returns logits only; the loss is the same shifted cross-entropy."""
+    """mamba_ssm's model returns logits only; the loss is the same shifted cross-entropy, over a view of the
+    logits as hybridlm's (slicing off the last position would copy them)."""
     logits = model(input_ids).logits  # (batch, seqlen, padded_vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_token_targets(input_ids))
 
 
 def mamba_ssm_rotary_dim(cfg: ModelConfig) -> int:
@@ -116,43 +116,10 @@ def system_note(system: System, cfg: ModelConfig) -> str | None:
 
 
 def _build_mamba_ssm(cfg: ModelConfig) -> nn.Module:
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from hybridlm.convert import mamba_ssm
+    from hybridlm.ops.mamba_ssm_model import mamba_lm_head_model
 
-    m, a = cfg.mamba, cfg.attention
-    pairs = decoder_layers(cfg.layers)
-    config = MambaConfig(
-        d_model=cfg.d_model,
-        d_intermediate=cfg.d_ff,
-        n_layer=len(pairs),
-        vocab_size=cfg.vocab_size,
-        ssm_cfg={
-            "layer": "Mamba2",
-            "d_state": m.d_state,
-            "d_conv": m.d_conv,
-            "expand": m.expand,
-            "headdim": m.head_dim,
-            "ngroups": m.ngroups,
-            "chunk_size": m.chunk_size,
-        },
-        attn_layer_idx=[i for i, (mixer, _) in enumerate(pairs) if mixer == "*"],
-        attn_cfg={
-            "num_heads": a.n_heads,
-            "num_heads_kv": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim,
-            "rotary_emb_dim": mamba_ssm_rotary_dim(cfg),
-            "rotary_emb_base": a.rope_theta,
-            "qkv_proj_bias": a.bias,
-            "out_proj_bias": a.bias,
-            "causal": True,
-        },
-        rms_norm=True,
-        residual_in_fp32=True,
-        fused_add_norm=True,
-        pad_vocab_size_multiple=cfg.vocab_pad_multiple,
-        tie_embeddings=cfg.tie_embeddings,
-    )
-    return MambaLMHeadModel(config)
+    return mamba_lm_head_model(mamba_ssm.raw_config(cfg, rotary_dim=mamba_ssm_rotary_dim(cfg)))
 
 
 def _build_hf_bamba(cfg: ModelConfig) -> nn.Module:
@@ -186,14 +153,14 @@ SYSTEMS = {
 def unavailable_reason(system: System, cfg: ModelConfig, device: torch.device) -> str | None:
     """Why ``system`` cannot be benchmarked for ``cfg`` on ``device`` (missing package, unexpressible
     pattern, needs CUDA), or None when it can."""
-    if system.package is not None and importlib.util.find_spec(system.package) is None:
+    if system.package is not None and not available(system.package):
         return f"{system.package} is not importable"
     if system.name == "mamba_ssm":
         if device.type != "cuda":
             return "mamba_ssm's model runs on CUDA only"
-        pairs = decoder_layers(cfg.layers)
-        if pairs is None or any(ffn != "-" for _, ffn in pairs) or cfg.mamba.version != 2:
-            return "mamba_ssm's hybrid is decoder layers of Mamba-2 or attention then a dense MLP"
+        from hybridlm.convert import mamba_ssm
+
+        return mamba_ssm.can_express(cfg)
     if system.name == "hf-bamba":
         from hybridlm.convert import bamba
 

@@ -1,4 +1,4 @@
-"""mamba_ssm's ``MambaLMHeadModel`` checkpoints (import only): ``config.json`` with ``d_model``,
+"""mamba_ssm's ``MambaLMHeadModel`` checkpoints (weights import only): ``config.json`` with ``d_model``,
 ``n_layer``, ``ssm_cfg``, ``attn_layer_idx``, ``attn_cfg``, ``d_intermediate`` and weights named
 ``backbone.embedding``, ``backbone.layers.{i}.{norm,mixer,norm2,mlp}``, ``backbone.norm_f``.
 
@@ -6,6 +6,9 @@ A mamba_ssm block is norm + mixer (Mamba-1, Mamba-2, or attention at ``attn_laye
 norm2 + a gated MLP when ``d_intermediate > 0``: block i is hybridlm sub-layer i, or sub-layers
 2i (mixer) and 2i+1 (MLP). Attention packs q, k, v in ``mixer.in_proj``; the MLP's ``fc1`` packs
 [value | gate] (``y, gate = fc1(x).chunk(2); y * silu(gate)``).
+
+``raw_config`` maps the other way, config only: it builds mamba_ssm's own model with a hybridlm config's
+dimensions (``hybridlm bench``'s anchor).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from hybridlm.convert.common import (
     ConvertError,
     Param,
     build_config,
+    decoder_layers,
     from_hf_state,
     head_params,
     reference_state,
@@ -63,6 +67,57 @@ def config_from_raw(raw: dict[str, Any], state: dict[str, torch.Tensor]) -> Mode
         fc1 = next(v for k, v in state.items() if k.endswith(".mlp.fc1.weight"))
         d["mlp"] = {"d_ff": fc1.shape[0] // 2, "activation": "swiglu"}
     return build_config(d, source)
+
+
+def can_express(cfg: ModelConfig) -> str | None:
+    """Why ``raw_config`` cannot describe ``cfg``, or None: mamba_ssm's hybrid is decoder layers of a Mamba-2 or
+    attention mixer, each followed by a SwiGLU MLP."""
+    pairs = decoder_layers(cfg.layers)
+    if pairs is None or any(ffn != "-" for _, ffn in pairs) or "M" in cfg.layers and cfg.mamba.version != 2:
+        return "mamba_ssm's hybrid is decoder layers of Mamba-2 or attention then a dense MLP"
+    if cfg.mlp.activation != "swiglu":
+        return f"mamba_ssm's MLP is gated with SiLU, not mlp.activation={cfg.mlp.activation!r}"
+    return None
+
+
+def raw_config(cfg: ModelConfig, rotary_dim: int | None = None) -> dict[str, Any]:
+    """mamba_ssm's ``MambaConfig`` fields for ``cfg`` (see ``can_express``); the inverse of ``config_from_raw``.
+    ``rotary_dim`` overrides the attention's rotary width (mamba_ssm rotates through flash_attn only)."""
+    if reason := can_express(cfg):
+        raise ConvertError(reason)
+    m, a = cfg.mamba, cfg.attention
+    pairs = decoder_layers(cfg.layers)
+    return {
+        "d_model": cfg.d_model,
+        "d_intermediate": cfg.d_ff,
+        "n_layer": len(pairs),
+        "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {
+            "layer": "Mamba2",
+            "d_state": m.d_state,
+            "d_conv": m.d_conv,
+            "expand": m.expand,
+            "headdim": m.head_dim,
+            "ngroups": m.ngroups,
+            "chunk_size": m.chunk_size,
+        },
+        "attn_layer_idx": [i for i, (mixer, _) in enumerate(pairs) if mixer == "*"],
+        "attn_cfg": {
+            "num_heads": a.n_heads,
+            "num_heads_kv": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
+            "rotary_emb_dim": cfg.rotary_dim if rotary_dim is None else rotary_dim,
+            "rotary_emb_base": a.rope_theta,
+            "qkv_proj_bias": a.bias,
+            "out_proj_bias": a.bias,
+            "causal": True,
+        },
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.vocab_pad_multiple,
+        "tie_embeddings": cfg.tie_embeddings,
+    }
 
 
 def mamba_section(ssm: dict[str, Any], d_model: int, source: str) -> dict[str, Any]:

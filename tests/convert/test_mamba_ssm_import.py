@@ -151,3 +151,44 @@ def test_a_pickle_holding_objects_is_refused_not_executed(tmp_path):
     write_mamba_ssm_checkpoint(tmp_path, {"d_model": 64, "n_layer": 2, "vocab_size": 96}, {"x": NotATensor()})
     with pytest.raises(ConvertError, match=r"pytorch_model.bin: cannot be read as a plain tensor state dict"):
         load_hf_as_hybridlm(tmp_path)
+
+
+HYBRID = {
+    "vocab_size": 96,
+    "d_model": 64,
+    "pattern": "M-*-M-",
+    "mamba": {"version": 2, "head_dim": 16, "d_state": 32, "ngroups": 2, "chunk_size": 32},
+    "attention": {"n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "rope_fraction": 0.5},
+    "mlp": {"d_ff": 128},
+}
+
+
+def test_raw_config_is_read_back_as_the_same_model():
+    """``raw_config`` (what builds mamba_ssm's own model for the bench) inverts the import's config mapping."""
+    from hybridlm import ModelConfig
+    from hybridlm.convert import mamba_ssm
+
+    cfg = ModelConfig.from_dict(HYBRID)
+    raw = mamba_ssm.raw_config(cfg)
+    assert raw["attn_layer_idx"] == [1] and raw["n_layer"] == 3
+    state = {"backbone.layers.0.mlp.fc1.weight": torch.empty(2 * cfg.d_ff, cfg.d_model)}
+    assert mamba_ssm.config_from_raw(raw, state) == cfg
+    assert mamba_ssm.raw_config(cfg, rotary_dim=0)["attn_cfg"]["rotary_emb_dim"] == 0  # no flash_attn: no RoPE
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"pattern": "M*-"}, "decoder layers of Mamba-2 or attention then a dense MLP"),
+        ({"mamba": {"version": 1}}, "decoder layers of Mamba-2"),
+        ({"mlp": {"d_ff": 128, "activation": "relu2"}}, "not mlp.activation='relu2'"),
+    ],
+)
+def test_raw_config_names_what_mamba_ssm_cannot_build(change, reason):
+    from hybridlm import ModelConfig
+    from hybridlm.convert import mamba_ssm
+
+    cfg = ModelConfig.from_dict({**HYBRID, **change})
+    assert reason in mamba_ssm.can_express(cfg)
+    with pytest.raises(ConvertError, match=re.escape(reason)):
+        mamba_ssm.raw_config(cfg)
