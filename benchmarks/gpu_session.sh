@@ -133,6 +133,11 @@ for phase in "$@"; do
     profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
       run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"
       rm -f "$OUT"/prof/*.json ;;
+    ssdvariants)  # Mamba-2's conv + SSD + gated norm (chunk sizes, unfused, fla if carried) and the MLP's gate/up GEMMs
+      run ssd-variants 240 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan,gate_up ;;
+    anchors)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid
+      run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

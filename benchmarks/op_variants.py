@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from hybridlm import ops
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, norm
+from hybridlm.model.mamba2 import inverse_softplus, sample_dt
+from hybridlm.ops import compiled, dispatch, norm
 
 
 @dataclass
@@ -44,7 +47,33 @@ def _mamba_ssm_add_rms_norm(x, residual, weight, eps):
 _compiled_gated_rms_norm = torch.compile(norm.gated_rms_norm_ref)  # measured no faster than mamba_ssm's
 
 
-def cases(cfg, tokens: int, device: torch.device) -> list[Case]:
+def _fla_conv_ssd_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_w, eps, p, g):
+    """Mamba-2's SSD as flash-linear-attention's simple GLA (one scalar decay per head and step): q = C,
+    k = B (repeated over the heads of a group), v = x * dt, log decay dt * A; conv, D and the gated norm around it."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    d_inner, nheads = norm_w.shape[0], A.shape[0]
+    n = (conv_w.shape[0] - d_inner) // g // 2
+    z, xBC, dt = zxbcdt.split([d_inner, conv_w.shape[0], nheads], dim=-1)
+    xBC = ops.causal_conv1d(xBC.transpose(1, 2), conv_w, conv_b, "silu", seq_idx).transpose(1, 2)
+    x, B, C = xBC.split([d_inner, g * n, g * n], dim=-1)
+    x = x.unflatten(-1, (nheads, p))
+    dt = F.softplus(dt.float() + dt_bias).clamp(*dt_limit)
+    v = (x * dt[..., None]).to(x.dtype)
+    B, C = (t.unflatten(-1, (g, n)).repeat_interleave(nheads // g, dim=2) for t in (B, C))
+    y, _ = chunk_simple_gla(C, B, v, g=dt * A, scale=1.0)
+    y = (y + x * D[:, None]).to(x.dtype)
+    return norm.gated_rms_norm_fused(y.flatten(-2), z, norm_w, eps, d_inner // g)
+
+
+def _gate_up_one_gemm(x, w_gate, w_up):
+    """The gated MLP's two input projections as one GEMM over the concatenated weights."""
+    gate, up = F.linear(x, torch.cat([w_gate, w_up])).chunk(2, dim=-1)
+    return compiled.swiglu_fused(gate, up)
+
+
+def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
+    tokens = batch * seq_len
     d, d_inner, eps = cfg.d_model, cfg.d_inner, cfg.norm_eps
     group = d_inner // cfg.mamba.ngroups
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -58,6 +87,49 @@ def cases(cfg, tokens: int, device: torch.device) -> list[Case]:
 
     def rotary_inputs():
         return [_leaf((tokens, cfg.attention.n_heads, cfg.head_dim), bf16, device)]
+
+    m, nheads, channels = cfg.mamba, cfg.mamba_n_heads, cfg.conv_channels
+
+    def ssd_inputs():  # in_proj's output and the mixer's parameters, as the model initialises them
+        dt_bias = inverse_softplus(sample_dt(nheads, m.dt_min, m.dt_max, m.dt_init_floor)).to(device)
+        A_log = torch.log(torch.empty(nheads, device=device).uniform_(*m.A_init_range))
+        return [
+            _leaf((batch, seq_len, d_inner + channels + nheads), bf16, device),
+            _leaf((channels, m.d_conv), fp32, device, scale=0.5),
+            _leaf(channels, fp32, device, scale=0.1),
+            dt_bias.requires_grad_(),
+            A_log.requires_grad_(),
+            torch.ones(nheads, device=device, requires_grad=True),
+            torch.ones(d_inner, device=device, requires_grad=True),
+        ]
+
+    def ssd(chunk_size, fn=ops.conv_ssd_scan):
+        def run(zxbcdt, conv_w, conv_b, dt_bias, A_log, D, norm_w):
+            A = -torch.exp(A_log)
+            return fn(
+                zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, None, m.dt_limit, norm_w, eps, m.head_dim, m.ngroups
+            )
+
+        return run
+
+    def ssd_unfused(*inputs):
+        with dispatch.reference_ops("conv_ssd_scan"):
+            return ssd(m.chunk_size)(*inputs)
+
+    def ssd_reference(zxbcdt, *params):
+        with dispatch.reference_kernels():
+            return ssd(m.chunk_size)(zxbcdt.float(), *params)
+
+    ssd_variants = {
+        f"combined chunk {m.chunk_size}": ssd(m.chunk_size),
+        f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
+        "conv + scan + norm": ssd_unfused,
+    }
+    if dispatch.available("fla"):
+        ssd_variants["fla simple_gla"] = ssd(64, _fla_conv_ssd_scan)
+
+    def mlp_inputs():
+        return [_leaf((tokens, d), bf16, device), *(_leaf((cfg.mlp.d_ff, d), bf16, device, scale=0.03) for _ in "gu")]
 
     positions = torch.arange(tokens, device=device) % 4096
     inv_freq = 1.0 / (cfg.attention.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, device=device) / cfg.rotary_dim))
@@ -91,6 +163,16 @@ def cases(cfg, tokens: int, device: torch.device) -> list[Case]:
                 "eager": lambda x, z, w: norm.gated_rms_norm_ref(x, z, w, eps, group),
             },
             lambda x, z, w: norm.gated_rms_norm_ref(x.float(), z.float(), w, eps, group),
+        ),
+        Case("conv_ssd_scan", ssd_inputs, ssd_variants, ssd_reference),
+        Case(
+            "gate_up",
+            mlp_inputs,
+            {
+                "two GEMMs": lambda x, wg, wu: compiled.swiglu_fused(F.linear(x, wg), F.linear(x, wu)),
+                "one GEMM": _gate_up_one_gemm,
+            },
+            lambda x, wg, wu: compiled.swiglu_ref(F.linear(x.float(), wg.float()), F.linear(x.float(), wu.float())),
         ),
     ]
 
@@ -133,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     wanted = set(args.ops.split(",")) if args.ops else None
     print(f"{'op':16s} {'implementation':18s} {'ms/call':>8s} {'current/this':>12s} {'max rel err':>11s}")
-    for case in cases(run.model, batch * seq_len, device):
+    for case in cases(run.model, batch, seq_len, device):
         if wanted and case.op not in wanted:
             continue
         torch.manual_seed(0)
