@@ -135,6 +135,14 @@ for phase in "$@"; do
       rm -f "$OUT"/prof/*.json ;;
     ssdvariants)  # Mamba-2's conv + SSD + gated norm (chunk sizes, unfused, fla if carried) and the MLP's gate/up GEMMs
       run ssd-variants 240 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan,gate_up ;;
+    long-variants)  # at 1x32768: attention's SDPA backends, conv + SSD at two chunk sizes
+      run long-variants 240 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops attention,conv_ssd_scan ;;
+    zero3)  # ZeRO-3 on the GPU (compiled ops on gathered parameters) against ZeRO-0, the tiny config, 60 steps
+      for stage in 0 3; do
+        run zero$stage 150 python3 train.py configs/tiny.yaml train.zero_stage=$stage train.max_steps=60 \
+          train.eval_every=1000 train.save_every=1000 out_dir=/tmp/zero$stage
+        cp /tmp/zero$stage/metrics.jsonl "$OUT/zero$stage-metrics.jsonl" 2>/dev/null
+      done ;;
     anchors)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid
       run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;

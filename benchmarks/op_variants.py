@@ -66,10 +66,27 @@ def _fla_conv_ssd_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, seq_id
     return norm.gated_rms_norm_fused(y.flatten(-2), z, norm_w, eps, d_inner // g)
 
 
+def _sdpa(backend):
+    """Causal attention through one of torch SDPA's backends (the dispatcher lets torch choose)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return ops.attention(q, k, v)
+
+    return run
+
+
+def _gate_up_two_gemms(x, w_gate, w_up):
+    with torch.autocast("cuda", torch.bfloat16):  # fp32 weights cast per call, as in training
+        return compiled.swiglu_fused(F.linear(x, w_gate), F.linear(x, w_up))
+
+
 def _gate_up_one_gemm(x, w_gate, w_up):
     """The gated MLP's two input projections as one GEMM over the concatenated weights."""
-    gate, up = F.linear(x, torch.cat([w_gate, w_up])).chunk(2, dim=-1)
-    return compiled.swiglu_fused(gate, up)
+    with torch.autocast("cuda", torch.bfloat16):
+        gate, up = F.linear(x, torch.cat([w_gate, w_up])).chunk(2, dim=-1)
+        return compiled.swiglu_fused(gate, up)
 
 
 def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
@@ -128,8 +145,11 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
     if dispatch.available("fla"):
         ssd_variants["fla simple_gla"] = ssd(64, _fla_conv_ssd_scan)
 
+    def attention_inputs():
+        return [_leaf((batch, seq_len, cfg.attention.n_heads, cfg.head_dim), bf16, device) for _ in "qkv"]
+
     def mlp_inputs():
-        return [_leaf((tokens, d), bf16, device), *(_leaf((cfg.mlp.d_ff, d), bf16, device, scale=0.03) for _ in "gu")]
+        return [_leaf((tokens, d), bf16, device), *(_leaf((cfg.mlp.d_ff, d), fp32, device, scale=0.03) for _ in "gu")]
 
     positions = torch.arange(tokens, device=device) % 4096
     inv_freq = 1.0 / (cfg.attention.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, device=device) / cfg.rotary_dim))
@@ -166,10 +186,22 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         ),
         Case("conv_ssd_scan", ssd_inputs, ssd_variants, ssd_reference),
         Case(
+            "attention",
+            attention_inputs,
+            {
+                "sdpa (torch picks)": ops.attention,
+                "sdpa cuDNN": _sdpa("CUDNN_ATTENTION"),
+                "sdpa flash": _sdpa("FLASH_ATTENTION"),
+                "sdpa mem-efficient": _sdpa("EFFICIENT_ATTENTION"),
+            },
+            # fp32 through the memory-efficient kernel: the explicit reference would hold seq_len² scores
+            lambda q, k, v: _sdpa("EFFICIENT_ATTENTION")(q.float(), k.float(), v.float()),
+        ),
+        Case(
             "gate_up",
             mlp_inputs,
             {
-                "two GEMMs": lambda x, wg, wu: compiled.swiglu_fused(F.linear(x, wg), F.linear(x, wu)),
+                "two GEMMs": _gate_up_two_gemms,
                 "one GEMM": _gate_up_one_gemm,
             },
             lambda x, wg, wu: compiled.swiglu_ref(F.linear(x.float(), wg.float()), F.linear(x.float(), wu.float())),
@@ -223,8 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         want = fwd_bwd(case.reference, inputs)
         timings = {}
         for name, fn in case.variants.items():
-            for _ in range(3):  # warm-up: compilation, autotuning
-                got = fwd_bwd(fn, inputs)
+            try:
+                for _ in range(3):  # warm-up: compilation, autotuning
+                    got = fwd_bwd(fn, inputs)
+            except Exception as e:  # one implementation failing must not hide the others' timings
+                print(f"{case.op:16s} {name:18s} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
             err = max_rel_error(got, want)
             timings[name] = device_ms(fn, inputs, args.calls)
             current = next(iter(timings.values()))
