@@ -139,10 +139,16 @@ for phase in "$@"; do
       run long-variants 240 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops attention,conv_ssd_scan ;;
     zero3)  # ZeRO-3 on the GPU (compiled ops on gathered parameters) against ZeRO-0, the tiny config, 60 steps
       for stage in 0 3; do
-        run zero$stage 150 python3 train.py configs/tiny.yaml train.zero_stage=$stage train.max_steps=60 \
+        run zero$stage 240 python3 train.py configs/tiny.yaml train.zero_stage=$stage train.max_steps=60 \
           train.eval_every=1000 train.save_every=1000 out_dir=/tmp/zero$stage
         cp /tmp/zero$stage/metrics.jsonl "$OUT/zero$stage-metrics.jsonl" 2>/dev/null
       done ;;
+    hf)  # transformers' Bamba and Llama at 2x4096, where the host bounds them
+      run bench-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    profile32k)  # where a 1x32768 step's kernel time goes (attention grows with the square of the length)
+      run prof-32k 150 python3 benchmarks/profile_step.py $CFG --system hybridlm --shape 1x32768 --top 25 --out "$OUT/prof"
+      rm -f "$OUT"/prof/*.json ;;
     anchors)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid
       run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
