@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm import ops
 from hybridlm.bench import parse_shapes
@@ -225,7 +226,7 @@ def device_ms(fn: Callable, inputs: list[torch.Tensor], calls: int) -> float:
         for _ in range(calls):
             fwd_bwd(fn, inputs)
         torch.cuda.synchronize()
-    total_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    total_us = sum(e.device_time for e in kernel_events(prof.events()))
     return total_us / 1000 / calls
 
 

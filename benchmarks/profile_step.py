@@ -190,10 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     prof.export_chrome_trace(str(out / f"{args.system}-{args.shape}.trace.json"))
     kernels: dict[str, float] = defaultdict(float)  # kernel name -> device ms per step
     counts: dict[str, int] = defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] += event.device_time / 1000 / args.steps
-            counts[event.name] += 1
+    for event in kernel_events(prof.events()):
+        kernels[event.name] += event.device_time / 1000 / args.steps
+        counts[event.name] += 1
     by_category: dict[str, float] = defaultdict(float)
     for name, ms in kernels.items():
         by_category[category(name)] += ms
@@ -213,6 +212,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cat:14s} {ms:8.1f}  {ms / total:6.1%}")
     if args.ops:
         op_table(step, synchronize, args.top)
+
+
+def kernel_events(events) -> list:
+    """The profiler's device events that are kernels (or copies, memsets). A ``record_function`` range also
+    appears on the device timeline, spanning the kernels it launched (the optimizer's step; every call of a
+    torch.compile'd function): counting it would count those kernels twice. torch's own tables skip it too."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
 
 
 def op_table(step, synchronize, top: int) -> None:

@@ -68,3 +68,21 @@ def test_host_mode_on_cpu_prints_shares_that_add_up(profile_step, tmp_path, caps
 )
 def test_kernels_fall_into_their_category(profile_step, kernel, category):
     assert profile_step.category(kernel) == category
+
+
+def test_record_function_ranges_on_the_device_are_not_counted_as_kernels(profile_step):
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, device_type, annotation=False):
+        return FunctionEvent(0, name, 0, 0, 10, device_type=device_type, is_user_annotation=annotation)
+
+    events = [
+        event("aten::mm", DeviceType.CPU),
+        event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", DeviceType.CUDA),
+        # the optimizer's record_function and a torch.compile'd call, as they appear on the GPU's timeline
+        event("Optimizer.step#AdamW.step", DeviceType.CUDA, annotation=True),
+        event("## Call CompiledFxGraph fxjikles2upwjnzm4pobexddx2g ##", DeviceType.CUDA, annotation=True),
+    ]
+    kept = profile_step.kernel_events(events)
+    assert [e.name for e in kept] == ["nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"]
