@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def kernel_events(events) -> list:
-    """The profiler's device events that are kernels (or copies, memsets). A ``record_function`` range also
-    appears on the device timeline, spanning the kernels it launched (the optimizer's step; every call of a
-    torch.compile'd function): counting it would count those kernels twice. torch's own tables skip it too."""
+    """The profiler's device events that are kernels (or copies, memsets). With CPU activity recorded, a
+    ``record_function`` range (the optimizer's step) also appears on the device timeline, spanning the kernels
+    it launched: counting it would count those kernels twice. torch's own tables skip it too."""
     return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
 
 
