@@ -20,7 +20,11 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, never aborts the session
   timeout -k 10 "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "   rc=$? $(date +%T)"
   tail -n 40 "$OUT/$name.log" | grep -v "^INFO" | tail -n 25
 }
-for phase in "$@"; do
+phases=()
+for phase in "$@"; do  # train2: training against the mamba_ssm hybrid, then HF's models (anchors, then hf)
+  if [ "$phase" = train2 ]; then phases+=(anchors hf); else phases+=("$phase"); fi
+done
+for phase in "${phases[@]}"; do
   case $phase in
     baseline)
       run bench-8x4096 300 python3 -m hybridlm bench $CFG --shapes 8x4096 --systems hybridlm,mamba_ssm,hybridlm-transformer \
@@ -125,11 +129,6 @@ for phase in "$@"; do
       run graph-tests 300 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider
       wait
       cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
-    train2)  # training at 8x4096 and 1x32768 against the mamba_ssm hybrid, then HF's models at 2x4096
-      run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
-        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
-      run bench-hf 150 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
-        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
       run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"
       rm -f "$OUT"/prof/*.json ;;

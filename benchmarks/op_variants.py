@@ -246,10 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     run = load_run_config(args.config)
     ((batch, seq_len),) = parse_shapes(args.shape)
     device = torch.device("cuda")
-    wanted = set(args.ops.split(",")) if args.ops else None
+    all_cases = cases(run.model, batch, seq_len, device)  # closures: no tensor is made yet
+    names = [case.op for case in all_cases]
+    wanted = {op.strip() for op in args.ops.split(",")} if args.ops else set(names)
+    if unknown := sorted(wanted - set(names)):
+        p.error(f"--ops: unknown op {', '.join(unknown)} (ops: {', '.join(names)})")
     print(f"{'op':16s} {'implementation':18s} {'ms/call':>8s} {'current/this':>12s} {'max rel err':>11s}")
-    for case in cases(run.model, batch, seq_len, device):
-        if wanted and case.op not in wanted:
+    for case in all_cases:
+        if case.op not in wanted:
             continue
         torch.manual_seed(0)
         inputs = case.inputs()
