@@ -136,6 +136,9 @@ for phase in "${phases[@]}"; do
       run ssd-variants 240 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan,gate_up ;;
     long-variants)  # at 1x32768: attention's SDPA backends, conv + SSD at two chunk sizes
       run long-variants 240 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops attention,conv_ssd_scan ;;
+    ssdmatmul)  # conv + SSD + gated norm: mamba_ssm's kernels against the SSD as cuBLAS products (both shapes)
+      run ssd-8x4096 280 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan
+      run ssd-1x32768 280 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan ;;
     zero3)  # ZeRO-3 on the GPU (compiled ops on gathered parameters) against ZeRO-0, the tiny config, 60 steps
       for stage in 0 3; do
         run zero$stage 240 python3 train.py configs/tiny.yaml train.zero_stage=$stage train.max_steps=60 \

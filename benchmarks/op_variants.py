@@ -24,6 +24,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
+from hybridlm.ops.ssd import ssd_scan_matmul
 
 
 @dataclass
@@ -48,23 +49,42 @@ def _mamba_ssm_add_rms_norm(x, residual, weight, eps):
 _compiled_gated_rms_norm = torch.compile(norm.gated_rms_norm_ref)  # measured no faster than mamba_ssm's
 
 
-def _fla_conv_ssd_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_w, eps, p, g):
+def _conv_scan_norm(scan: Callable) -> Callable:
+    """``ops.conv_ssd_scan``'s unfused chain (conv, split, scan, gated norm) around another SSD implementation:
+    ``scan(x, dt, A, B, C, D, dt_bias, dt_limit, seq_idx)`` with x (batch, seqlen, nheads, headdim), B and C
+    (batch, seqlen, ngroups, d_state), dt before its bias and softplus; returns y without the gate."""
+
+    def run(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_w, eps, p, g):
+        d_inner, nheads = norm_w.shape[0], A.shape[0]
+        n = (conv_w.shape[0] - d_inner) // g // 2
+        z, xBC, dt = zxbcdt.split([d_inner, conv_w.shape[0], nheads], dim=-1)
+        xBC = ops.causal_conv1d(xBC.transpose(1, 2), conv_w, conv_b, "silu", seq_idx).transpose(1, 2)
+        x, B, C = xBC.split([d_inner, g * n, g * n], dim=-1)
+        x, B, C = x.unflatten(-1, (nheads, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+        y = scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, seq_idx)
+        return norm.gated_rms_norm_fused(y.flatten(-2), z, norm_w, eps, d_inner // g)
+
+    return run
+
+
+def _fla_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, seq_idx):
     """Mamba-2's SSD as flash-linear-attention's simple GLA (one scalar decay per head and step): q = C,
-    k = B (repeated over the heads of a group), v = x * dt, log decay dt * A; conv, D and the gated norm around it."""
+    k = B (repeated over the heads of a group), v = x * dt, log decay dt * A (fla picks its own chunk size)."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    d_inner, nheads = norm_w.shape[0], A.shape[0]
-    n = (conv_w.shape[0] - d_inner) // g // 2
-    z, xBC, dt = zxbcdt.split([d_inner, conv_w.shape[0], nheads], dim=-1)
-    xBC = ops.causal_conv1d(xBC.transpose(1, 2), conv_w, conv_b, "silu", seq_idx).transpose(1, 2)
-    x, B, C = xBC.split([d_inner, g * n, g * n], dim=-1)
-    x = x.unflatten(-1, (nheads, p))
     dt = F.softplus(dt.float() + dt_bias).clamp(*dt_limit)
     v = (x * dt[..., None]).to(x.dtype)
-    B, C = (t.unflatten(-1, (g, n)).repeat_interleave(nheads // g, dim=2) for t in (B, C))
+    B, C = (t.repeat_interleave(x.shape[2] // t.shape[2], dim=2) for t in (B, C))
     y, _ = chunk_simple_gla(C, B, v, g=dt * A, scale=1.0)
-    y = (y + x * D[:, None]).to(x.dtype)
-    return norm.gated_rms_norm_fused(y.flatten(-2), z, norm_w, eps, d_inner // g)
+    return (y + x * D[:, None]).to(x.dtype)
+
+
+_compiled_ssd_scan_matmul = torch.compile(ssd_scan_matmul)
+
+
+def _matmul_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, seq_idx):
+    """``ssd.ssd_scan_matmul`` (cuBLAS products, Inductor's kernels between them)."""
+    return _compiled_ssd_scan_matmul(x, dt, A, B, C, chunk_size, D, dt_bias=dt_bias, dt_limit=dt_limit, seq_idx=seq_idx)
 
 
 def _sdpa(backend):
@@ -143,8 +163,10 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
         "conv + scan + norm": ssd_unfused,
     }
+    for chunk in (64, 128, 256):
+        ssd_variants[f"matmul scan {chunk}"] = ssd(chunk, _conv_scan_norm(_matmul_scan))
     if dispatch.available("fla"):
-        ssd_variants["fla simple_gla"] = ssd(64, _fla_conv_ssd_scan)
+        ssd_variants["fla simple_gla"] = ssd(64, _conv_scan_norm(_fla_scan))
 
     def attention_inputs():
         return [_leaf((batch, seq_len, cfg.attention.n_heads, cfg.head_dim), bf16, device) for _ in "qkv"]
