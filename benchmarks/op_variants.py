@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from profile_step import kernel_events  # benchmarks/, this script's directory
+from ssd_matmul import ssd_scan_matmul
 
 from hybridlm import ops
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
-from hybridlm.ops.ssd import ssd_scan_matmul
 
 
 @dataclass
@@ -83,7 +83,7 @@ _compiled_ssd_scan_matmul = torch.compile(ssd_scan_matmul)
 
 
 def _matmul_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, seq_idx):
-    """``ssd.ssd_scan_matmul`` (cuBLAS products, Inductor's kernels between them)."""
+    """``ssd_matmul.ssd_scan_matmul`` (cuBLAS products, Inductor's kernels between them)."""
     return _compiled_ssd_scan_matmul(x, dt, A, B, C, chunk_size, D, dt_bias=dt_bias, dt_limit=dt_limit, seq_idx=seq_idx)
 
 
