@@ -115,3 +115,28 @@ def test_ssd_ref_is_differentiable_without_nans():
     for name, t in inputs.items():
         assert torch.isfinite(t.grad).all(), name
         assert t.grad.abs().sum() > 0, name
+
+
+def test_log_decay_gradient_is_a_per_step_identity():
+    """The gradient with respect to the cumulative log decay cs_t (A · the running sum of Δ) at step t is
+    dy_t · (y_t − D x_t) − x_t · (dx_t − D dy_t) per head (the second term is u_t · du_t for u = Δ x), plus
+    ⟨dS, S⟩ of the final state at the last step: no pairwise sum over steps. A fused backward can take dA (and
+    Δ's share through the decay) from it instead of a kernel of its own; here the reference's autograd dA is
+    held to it (README, Performance)."""
+    inputs = make_inputs(11)
+    del inputs["z"]  # the identity is on the scan's output, before the gate
+    inputs = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    initial = torch.randn(BATCH, NHEADS, HEADDIM, DSTATE, dtype=torch.float64)
+    y, final = ssd_scan_ref(**inputs, chunk_size=4, initial_states=initial, return_final_states=True)
+    y, final = y.double(), final.double()
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    dx, dA = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), [inputs["x"], inputs["A"]])
+
+    x, D = inputs["x"].detach(), inputs["D"].detach()[:, None]
+    y = y.detach()
+    d_cumdecay = (dy * (y - D * x)).sum(-1) - (x * (dx - D * dy)).sum(-1)  # (batch, seqlen, nheads)
+    d_cumdecay[:, -1] += (dfinal * final.detach()).sum((-1, -2))
+    delta = F.softplus(inputs["dt"].detach() + inputs["dt_bias"].detach())
+    # cs_t = A · sum_{k <= t} Δ_k, so dL/dA = sum_t dL/dcs_t · sum_{k <= t} Δ_k
+    dA_identity = (d_cumdecay * delta.cumsum(1)).sum((0, 1))
+    torch.testing.assert_close(dA, dA_identity, rtol=1e-5, atol=1e-5)
