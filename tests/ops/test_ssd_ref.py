@@ -1,4 +1,5 @@
-"""The reference Mamba-2 SSD scan against a naive token-by-token recurrence written here."""
+"""The reference Mamba-2 SSD scan against a naive token-by-token recurrence written here, a gradient identity, and
+the matmul candidate benchmarks/ssd_matmul.py against the reference."""
 
 import pytest
 import torch
@@ -140,3 +141,27 @@ def test_log_decay_gradient_is_a_per_step_identity():
     # cs_t = A · sum_{k <= t} Δ_k, so dL/dA = sum_t dL/dcs_t · sum_{k <= t} Δ_k
     dA_identity = (d_cumdecay * delta.cumsum(1)).sum((0, 1))
     torch.testing.assert_close(dA, dA_identity, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen, chunk_size, packed", [(16, 4, False), (13, 4, True), (40, 8, True), (7, 16, False)])
+def test_benchmarks_matmul_scan_equals_reference(load_benchmark, seqlen, chunk_size, packed):
+    """benchmarks/ssd_matmul.py (a candidate op_variants times) computes this scan: outputs, final states and every
+    input's gradient, with packed documents, an initial state and a padded chunk."""
+    ssd_scan_matmul = load_benchmark("ssd_matmul").ssd_scan_matmul
+    torch.manual_seed(seqlen)
+    inputs = make_inputs(seqlen) | {"initial_states": torch.randn(BATCH, NHEADS, HEADDIM, DSTATE)}
+    inputs = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    # documents 0, 1, 2 in runs of random length (sorted draws), so boundaries fall inside and between chunks
+    seq_idx = torch.sort(torch.randint(0, 3, (BATCH, seqlen)), dim=1).values if packed else None
+    results = []
+    for scan in (ssd_scan_ref, ssd_scan_matmul):
+        y, final = scan(**inputs, chunk_size=chunk_size, seq_idx=seq_idx, return_final_states=True)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # a loss that weighs every output
+        grads = torch.autograd.grad((y * weights).sum() + final.square().sum(), list(inputs.values()))
+        results.append((y, final, grads))
+    (y_ref, final_ref, grads_ref), (y, final, grads) = results
+    # the reference computes in fp32 whatever its inputs: agreement to fp32 rounding
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref.to(final.dtype), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(inputs, grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
