@@ -121,9 +121,10 @@ def test_ssd_ref_is_differentiable_without_nans():
 def test_log_decay_gradient_is_a_per_step_identity():
     """The gradient with respect to the cumulative log decay cs_t (A · the running sum of Δ) at step t is
     dy_t · (y_t − D x_t) − x_t · (dx_t − D dy_t) per head (the second term is u_t · du_t for u = Δ x), plus
-    ⟨dS, S⟩ of the final state at the last step: no pairwise sum over steps. A fused backward can take dA (and
-    Δ's share through the decay) from it instead of a kernel of its own; here the reference's autograd dA is
-    held to it (README, Performance)."""
+    ⟨dS, S⟩ of the final state at the last step: no pairwise sum over steps. A fused backward could take dA (and
+    Δ's share through the decay) from it instead of a kernel of its own, if the cancellation in its reverse
+    cumulative sum proves harmless (mamba_ssm keeps a kernel for that reason; README, Performance). Here the
+    reference's autograd dA is held to it, in float64."""
     inputs = make_inputs(11)
     del inputs["z"]  # the identity is on the scan's output, before the gate
     inputs = {k: v.double().requires_grad_() for k, v in inputs.items()}
