@@ -52,7 +52,8 @@ _compiled_gated_rms_norm = torch.compile(norm.gated_rms_norm_ref)  # measured no
 def _conv_scan_norm(scan: Callable) -> Callable:
     """``ops.conv_ssd_scan``'s unfused chain (conv, split, scan, gated norm) around another SSD implementation:
     ``scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, seq_idx)`` with x (batch, seqlen, nheads, headdim),
-    B and C (batch, seqlen, ngroups, d_state), dt before its bias and softplus; returns y without the gate."""
+    B and C (batch, seqlen, ngroups, d_state), dt before its bias and softplus; returns y (D x included) before
+    the gate."""
 
     def run(zxbcdt, conv_w, conv_b, dt_bias, A, D, chunk_size, seq_idx, dt_limit, norm_w, eps, p, g):
         d_inner, nheads = norm_w.shape[0], A.shape[0]

@@ -75,9 +75,9 @@ def ssd_scan_matmul(
     xs = xs.unflatten(3, (ngroups, -1)).permute(0, 1, 3, 4, 2)  # (batch, chunks, ngroups, heads·headdim, q)
     states = (xs @ Bc).view(batch, chunks, nheads, headdim * d_state)
 
-    # 3. across chunks: the state at chunk boundary r is sum_{k <= r} exp(E_r - E_k) S_k over the states S_k
-    #    entering boundary k (S_0 the initial state), E the log decay up to each boundary; a state reaches
-    #    only boundaries of its own document
+    # 3. across chunks: the state at chunk boundary r is sum_{k <= r} exp(E_r - E_k) S_k, S_k the state chunk k-1
+    #    writes (S_0 the initial state), E the log decay up to each boundary; a state reaches only boundaries of
+    #    its own document. (The product grows with the square of the number of chunks.)
     boundary_decay = F.pad(torch.cumsum(chunk_decay, dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (batch, nh, chunks+1)
     keep = torch.ones(chunks + 1, chunks + 1, dtype=torch.bool, device=x.device).tril()
     if docs is not None:
