@@ -132,9 +132,9 @@ for phase in "${phases[@]}"; do
     profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
       run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"
       rm -f "$OUT"/prof/*.json ;;
-    ssdvariants)  # Mamba-2's conv + SSD + gated norm (chunk sizes, unfused, fla if carried) and the MLP's gate/up GEMMs
+    ssdvariants)  # Mamba-2's conv + SSD + gated norm (chunk sizes, unfused, matmul SSD, fla if carried), the MLP's gate/up
       run ssd-variants 240 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan,gate_up ;;
-    long-variants)  # at 1x32768: attention's SDPA backends, conv + SSD at two chunk sizes
+    long-variants)  # at 1x32768: attention's SDPA backends, conv + SSD (its variants as in ssdvariants)
       run long-variants 240 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops attention,conv_ssd_scan ;;
     ssdmatmul)  # conv + SSD + gated norm: mamba_ssm's kernels against the SSD as cuBLAS products (both shapes)
       run ssd-8x4096 280 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan
