@@ -25,6 +25,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
+from hybridlm.ops.ssd import conv_ssd_scan_combined
 
 
 @dataclass
@@ -160,8 +161,10 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
             return ssd(m.chunk_size)(zxbcdt.float(), *params)
 
     ssd_variants = {
-        f"combined chunk {m.chunk_size}": ssd(m.chunk_size),
-        f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
+        f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
+        f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
+        f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
+        f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),
         "conv + scan + norm": ssd_unfused,
     }
     for chunk in (64, 128, 256):

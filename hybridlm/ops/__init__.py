@@ -15,6 +15,7 @@ import torch
 from hybridlm.ops import attn as _attn
 from hybridlm.ops import compiled as _compiled
 from hybridlm.ops import conv as _conv
+from hybridlm.ops import conv_ssd as _conv_ssd
 from hybridlm.ops import layout as _layout
 from hybridlm.ops import norm as _norm
 from hybridlm.ops import selective as _s6
@@ -167,7 +168,7 @@ def conv_ssd_scan(
     # slices), and it serves training: prefill keeps the separately fused conv and scan it has always used.
     fused = choose("conv_ssd_scan", zxbcdt.device) == "fused" and zxbcdt.numel() < _layout.INT32_LIMIT
     if fused and not return_final_states:
-        return _ssd.conv_ssd_scan_fused(*args, headdim, ngroups)
+        return _conv_ssd.conv_ssd_scan_fused(*args, headdim, ngroups)
     d_inner, nheads = norm_weight.shape[0], A.shape[0]
     d_state = (conv_weight.shape[0] - d_inner) // ngroups // 2
     z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)

@@ -30,7 +30,7 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "selective_scan": ("mamba_ssm",),
     "selective_state_update": ("mamba_ssm",),
     "ssd_scan": ("mamba_ssm",),
-    "conv_ssd_scan": ("mamba_ssm", "causal_conv1d"),  # mamba_split_conv1d_scan_combined
+    "conv_ssd_scan": ("mamba_ssm", "causal_conv1d"),  # their kernels, orchestrated in ops/conv_ssd.py
     "causal_conv1d": ("causal_conv1d",),
     "causal_conv1d_update": ("causal_conv1d",),
     "rms_norm": ("mamba_ssm",),

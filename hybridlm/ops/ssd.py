@@ -138,7 +138,7 @@ def ssd_scan_fused(
     )
 
 
-def conv_ssd_scan_fused(
+def conv_ssd_scan_combined(
     zxbcdt,
     conv_weight,
     conv_bias,
@@ -155,7 +155,9 @@ def conv_ssd_scan_fused(
 ):
     """mamba_ssm's ``mamba_split_conv1d_scan_combined`` without its output projection (the layer applies
     ``out_proj`` as a module, so LoRA and ZeRO-3 see it). It keeps only ``zxbcdt`` and the scan output for
-    backward, recomputing the conv, and writes every gradient into one buffer shaped like ``zxbcdt``."""
+    backward, recomputing the conv and the scan's chunk states, and writes every gradient into one buffer shaped
+    like ``zxbcdt``. The fused path was this until ``conv_ssd.conv_ssd_scan_fused`` (the same kernels, nothing
+    recomputed); kept as the baseline that op_variants and the GPU tests compare it with."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
     if seq_idx is not None:

@@ -26,6 +26,8 @@ orders of magnitude, so they are compared relative to their largest entry).
     attention  attention_sdpa, attention_flash (bf16 only)            fp32   1e-4   1e-4   1e-3
     attention                                                         bf16   2e-2   2e-2   3e-2
     ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
+    same       conv_ssd_scan vs mamba_ssm's combined op (the same     fp32   1e-4   1e-4   1e-4
+    kernels    kernels; only summation order and autotuning differ)   bf16   1e-2   1e-2   1e-2
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
                swiglu, rotary, cross_entropy (torch.compile)          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
@@ -65,6 +67,7 @@ from hybridlm.ops.conv import (
     causal_conv1d_update_fused,
     causal_conv1d_update_ref,
 )
+from hybridlm.ops.conv_ssd import conv_ssd_scan_fused
 from hybridlm.ops.norm import (
     gated_rms_norm_fused,
     gated_rms_norm_ref,
@@ -77,7 +80,7 @@ from hybridlm.ops.selective import (
     selective_state_update_fused,
     selective_state_update_ref,
 )
-from hybridlm.ops.ssd import conv_ssd_scan_fused, ssd_scan_fused, ssd_scan_ref
+from hybridlm.ops.ssd import conv_ssd_scan_combined, ssd_scan_fused, ssd_scan_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -105,6 +108,8 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tol] = {
     ("norm", BF16): Tol(2e-2, 2e-2, 2e-2),
     ("model", FP32): Tol(2e-3, 2e-3, 1e-2),
     ("model", BF16): Tol(1e-1, 5e-2, 5e-2),
+    ("same kernels", FP32): Tol(1e-4, 1e-4, 1e-4),
+    ("same kernels", BF16): Tol(1e-2, 1e-2, 1e-2),
 }
 
 
@@ -402,9 +407,10 @@ def case_add_rms_norm(dtype, first: bool = False):
     )
 
 
-def case_conv_ssd_scan(dtype, packed: bool = True):
+def case_conv_ssd_scan(dtype, packed: bool = True, baseline: bool = False):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
-    chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast."""
+    chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``: against
+    mamba_ssm's combined op (the same kernels, recomputing in backward) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 256
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -434,6 +440,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True):
         with ops.reference_kernels():
             return ops.conv_ssd_scan(**i)
 
+    if baseline:
+        return Case("same kernels", run(conv_ssd_scan_fused), run(conv_ssd_scan_combined), inputs, grads=tuple(inputs))
     return Case("ssd", run(conv_ssd_scan_fused), run(reference), inputs, grads=tuple(inputs))
 
 
@@ -488,6 +496,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "add_rms_norm[first]": lambda dt: case_add_rms_norm(dt, first=True),
     "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
     "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
+    "conv_ssd_scan[vs combined]": lambda dt: case_conv_ssd_scan(dt, baseline=True),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,

@@ -1,0 +1,208 @@
+"""Mamba-2's mixer between its projections (causal conv + SiLU, SSD scan, gated RMSNorm) as one autograd op
+over mamba_ssm's and causal_conv1d's kernels, keeping the forward's intermediates for the backward.
+
+mamba_ssm's ``mamba_split_conv1d_scan_combined`` runs the same kernels but saves only in_proj's output and the
+scan's output: its backward runs the conv again, and the chunked scan's cumulative decays, chunk states,
+state passing and C·Bᵀ products, before the backward kernels proper. This op keeps them (the conv's output, the
+fp32 states entering each chunk, C·Bᵀ per chunk, the cumulative decays: ~1.1× the size of ``zxbcdt``, 320 MB a
+layer for the 500M config at 8x4096) and its backward starts at the backward kernels. The kernels and their
+arguments are the combined op's, so outputs and gradients match it up to summation order
+(``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the reference ops).
+
+CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.amp import custom_bwd, custom_fwd
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen, channels) as causal_conv1d's channel-last (batch, channels, seqlen) view; it needs the
+    row stride to be a multiple of 8, else the slice is copied."""
+    if t.stride(1) % 8:
+        t = t.contiguous()
+    return t.transpose(1, 2)
+
+
+class ConvSSDScan(torch.autograd.Function):
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(
+        ctx,
+        zxbcdt,  # (batch, seqlen, d_inner + conv_channels + nheads)
+        conv_weight,  # (conv_channels, width)
+        conv_bias,
+        dt_bias,  # (nheads,)
+        A,  # (nheads,)
+        D,  # (nheads,)
+        norm_weight,  # (d_inner,)
+        seq_idx,  # (batch, seqlen) int32 or None
+        chunk_size: int,
+        dt_limit: tuple[float, float],
+        norm_eps: float,
+        headdim: int,
+        ngroups: int,
+    ):
+        from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
+        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
+        from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_fwd
+        from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
+        from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
+        from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
+
+        batch, seqlen, _ = zxbcdt.shape
+        nheads, d_inner = A.shape[0], norm_weight.shape[0]
+        z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
+        xBC_conv = causal_conv1d_fwd_function(
+            _channels_last(xBC), conv_weight, conv_bias, seq_idx, None, None, True
+        ).transpose(1, 2)  # (batch, seqlen, conv_channels), contiguous
+        x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
+
+        dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        # fp32, as the backward's state passing wants them; the scan casts them to C's dtype as it loads them
+        states, _ = _state_passing_fwd(
+            chunk_states.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size
+        )
+        states = states.unflatten(-1, chunk_states.shape[-2:])
+        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        y, _ = _chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
+
+        out, _, rstd = _layer_norm_fwd(
+            y.view(-1, d_inner),
+            norm_weight,
+            None,
+            norm_eps,
+            z.view(-1, d_inner),
+            group_size=d_inner // ngroups,
+            norm_before_gate=False,
+            is_rms_norm=True,
+        )
+        ctx.save_for_backward(
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
+            xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
+        )  # fmt: skip
+        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups)
+        return out.view(batch, seqlen, d_inner)
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+        from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
+        from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd
+        from mamba_ssm.ops.triton.ssd_chunk_scan import (
+            _chunk_scan_bwd_dC,
+            _chunk_scan_bwd_dcb,
+            _chunk_scan_bwd_ddAcs_stable,
+            _chunk_scan_bwd_dstates,
+        )
+        from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_state_bwd_db
+        from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
+        from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
+
+        (
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
+            xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
+        ) = ctx.saved_tensors  # fmt: skip
+        chunk_size, dt_limit, norm_eps, headdim, ngroups = ctx.config
+        nheads, d_inner = A.shape[0], norm_weight.shape[0]
+        z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
+        x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
+
+        # every input gradient is written into one buffer shaped like zxbcdt (in_proj's backward reads it whole)
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxBC_in, ddt_raw = dzxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
+        dxBC = torch.empty_like(xBC_conv)  # the gradient at the conv's output
+        dx, dB, dC = _split_xbc(dxBC, nheads, headdim, ngroups)
+
+        dy, dnorm_weight, _, _ = _layer_norm_bwd(
+            dout.contiguous().view(-1, d_inner),
+            y.view(-1, d_inner),
+            norm_weight,
+            None,
+            norm_eps,
+            None,
+            rstd,
+            z.view(-1, d_inner),
+            group_size=d_inner // ngroups,
+            norm_before_gate=False,
+            is_rms_norm=True,
+            dz=dz.view(-1, d_inner),  # a view: the kernel writes dz into dzxbcdt
+        )
+        dy = dy.view_as(x)
+
+        # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
+        dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
+        dstates, ddA_chunk_last, _, states_lowp = _state_passing_bwd(
+            states.flatten(-2),
+            dA_cumsum[..., -1],
+            dstates.flatten(-2),
+            seq_idx=seq_idx,
+            has_initial_states=False,
+            dstates_dtype=x.dtype,
+            states_dtype=x.dtype,
+            chunk_size=chunk_size,
+        )
+        dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
+        dx, ddt_act, dD = _chunk_scan_chunk_state_bwd_dx(
+            x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx
+        )
+        dB_states, ddA_from_B = _chunk_state_bwd_db(
+            x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
+        )
+        dC_states, ddA_from_C = _chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
+        dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
+        _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
+        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
+        # dA_cumsum's gradient from the states leaving each chunk reaches every step of the chunk: a reverse
+        # cumulative sum (mamba_ssm computes the in-chunk part in a separate kernel for stability)
+        ddA_from_C[..., -1] += ddA_chunk_last
+        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
+        ddA += ddA_from_B + ddA_from_C.flip(-1).cumsum(-1).flip(-1)
+        _, dA, ddt_bias = _chunk_cumsum_bwd(
+            ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
+        )
+
+        # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
+        dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
+        _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
+            _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
+            dxBC_target.transpose(1, 2), False, True,
+        )  # fmt: skip
+        if dxBC_target is not dxBC_in:
+            dxBC_in.copy_(dxBC_target)
+        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 6
+
+
+def _split_xbc(xBC: torch.Tensor, nheads: int, headdim: int, ngroups: int):
+    """The conv output's x (batch, seqlen, nheads, headdim), B and C (batch, seqlen, ngroups, d_state), as views."""
+    d_state = (xBC.shape[-1] - nheads * headdim) // ngroups // 2
+    x, B, C = xBC.split([nheads * headdim, ngroups * d_state, ngroups * d_state], dim=-1)
+    return x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, d_state)), C.unflatten(-1, (ngroups, d_state))
+
+
+def conv_ssd_scan_fused(
+    zxbcdt,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A,
+    D,
+    chunk_size,
+    seq_idx,
+    dt_limit,
+    norm_weight,
+    norm_eps,
+    headdim,
+    ngroups,
+) -> torch.Tensor:
+    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output."""
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    return ConvSSDScan.apply(
+        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
+        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups,
+    )  # fmt: skip
