@@ -12,6 +12,7 @@ the reference's largest magnitude). Inputs have the dtypes the model hands the o
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
+from hybridlm.ops.conv_ssd import conv_ssd_scan_fused
 from hybridlm.ops.ssd import conv_ssd_scan_combined
 
 
@@ -163,6 +165,7 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
     ssd_variants = {
         f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
+        "kept, ddA identity": ssd(m.chunk_size, functools.partial(conv_ssd_scan_fused, ddA_identity=True)),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),
         "conv + scan + norm": ssd_unfused,
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="8x4096", help="batch x seqlen: the tokens each call sees")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--ops", default=None, help="comma list of ops (default: all)")
+    p.add_argument("--variants", default=None, help="comma list: only implementations whose name contains one")
+    p.add_argument("--each-error", action="store_true", help="also each output's and input gradient's error")
     args = p.parse_args(argv)
     run = load_run_config(args.config)
     ((batch, seq_len),) = parse_shapes(args.shape)
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         want = fwd_bwd(case.reference, inputs)
         timings = {}
         for name, fn in case.variants.items():
+            if args.variants and not any(v.strip() in name for v in args.variants.split(",")):
+                continue
             try:
                 for _ in range(3):  # warm-up: compilation, autotuning
                     got = fwd_bwd(fn, inputs)
@@ -296,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             timings[name] = device_ms(fn, inputs, args.calls)
             current = next(iter(timings.values()))
             print(f"{case.op:16s} {name:18s} {timings[name]:8.3f} {current / timings[name]:11.2f}x {err:11.2e}")
+            if args.each_error:  # outputs, then the gradient of each input in order
+                print("    " + " ".join(f"{max_rel_error([g], [w]):.2e}" for g, w in zip(got, want, strict=True)))
 
 
 if __name__ == "__main__":
