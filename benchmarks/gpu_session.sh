@@ -162,6 +162,11 @@ for phase in "${phases[@]}"; do
         run kept-variants-$shape 200 python3 benchmarks/op_variants.py $CFG --shape $shape --ops conv_ssd_scan \
           --variants kept,combined --each-error
       done ;;
+    chunks)  # training against the mamba_ssm hybrid at the config's SSD chunk (256), then both at chunk 128
+      for chunk in 256 128; do
+        run bench-chunk$chunk 240 python3 -m hybridlm bench $CFG model.mamba.chunk_size=$chunk --shapes 8x4096,1x32768 \
+          --systems hybridlm,mamba_ssm --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      done ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

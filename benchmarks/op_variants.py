@@ -12,7 +12,6 @@ the reference's largest magnitude). Inputs have the dtypes the model hands the o
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
-from hybridlm.ops.conv_ssd import conv_ssd_scan_fused
 from hybridlm.ops.ssd import conv_ssd_scan_combined
 
 
@@ -165,7 +163,6 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
     ssd_variants = {
         f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
-        "kept, ddA identity": ssd(m.chunk_size, functools.partial(conv_ssd_scan_fused, ddA_identity=True)),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),
         "conv + scan + norm": ssd_unfused,

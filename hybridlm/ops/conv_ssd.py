@@ -4,8 +4,9 @@ over mamba_ssm's and causal_conv1d's kernels, keeping the forward's intermediate
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` runs the same kernels but saves only in_proj's output and the
 scan's output: its backward runs the conv again, and the chunked scan's cumulative decays, chunk states,
 state passing and C·Bᵀ products, before the backward kernels proper. This op keeps them (the conv's output, the
-fp32 states entering each chunk, C·Bᵀ per chunk, the cumulative decays: ~1.1× the size of ``zxbcdt``, 320 MB a
-layer for the 500M config at 8x4096) and its backward starts at the backward kernels. The kernels and their
+fp32 states entering each chunk, C·Bᵀ per chunk, the cumulative decays: for the 500M config at 8x4096, 320 MB a
+layer at chunk 256 and 440 MB at chunk 128, beside in_proj's 290 MB output) and its backward starts at the
+backward kernels. The kernels and their
 arguments are the combined op's, so outputs and gradients match it up to summation order
 (``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the reference ops).
 
@@ -44,7 +45,6 @@ class ConvSSDScan(torch.autograd.Function):
         norm_eps: float,
         headdim: int,
         ngroups: int,
-        ddA_identity: bool = False,
     ):
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
@@ -86,7 +86,6 @@ class ConvSSDScan(torch.autograd.Function):
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         )  # fmt: skip
         ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups)
-        ctx.ddA_identity = ddA_identity
         return out.view(batch, seqlen, d_inner)
 
     @staticmethod
@@ -152,25 +151,19 @@ class ConvSSDScan(torch.autograd.Function):
         dx, ddt_act, dD = _chunk_scan_chunk_state_bwd_dx(
             x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx
         )
-        # with B and C given, these kernels also return their share of the decays' gradient
-        decay_args = {} if ctx.ddA_identity else {"B": B, "C": C}
-        dB_states, *ddA_from_B = _chunk_state_bwd_db(
-            x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=decay_args.get("B"), ngroups=ngroups
+        dB_states, ddA_from_B = _chunk_state_bwd_db(
+            x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
         )
-        dC_states, *ddA_from_C = _chunk_scan_bwd_dC(
-            states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=decay_args.get("C"), ngroups=ngroups
-        )
+        dC_states, ddA_from_C = _chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
         dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
-        if ctx.ddA_identity:
-            ddA = _decay_grad_from_identity(x, y, dy, D, dt_act, ddt_act, states, dstates)
-        else:
-            # dA_cumsum's gradient from the states leaving each chunk reaches every step of the chunk: a reverse
-            # cumulative sum (mamba_ssm computes the in-chunk part in a separate kernel for stability)
-            ddA_from_C[0][..., -1] += ddA_chunk_last
-            ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
-            ddA += ddA_from_B[0] + ddA_from_C[0].flip(-1).cumsum(-1).flip(-1)
+        # dA_cumsum's gradient from the states leaving each chunk reaches every step of the chunk: a reverse
+        # cumulative sum. The in-chunk part has a kernel of its own: summing per-step terms instead (an identity,
+        # tests/ops/test_ssd_ref.py) cancels large terms, and measured 10x the error and slower (README).
+        ddA_from_C[..., -1] += ddA_chunk_last
+        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
+        ddA += ddA_from_B + ddA_from_C.flip(-1).cumsum(-1).flip(-1)
         _, dA, ddt_bias = _chunk_cumsum_bwd(
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
@@ -183,24 +176,7 @@ class ConvSSDScan(torch.autograd.Function):
         )  # fmt: skip
         if dxBC_target is not dxBC_in:
             dxBC_in.copy_(dxBC_target)
-        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
-
-
-def _decay_grad_from_identity(x, y, dy, D, dt_act, ddt_act, states, dstates) -> torch.Tensor:
-    """The gradient with respect to each step's log decay dt·A, (batch, nheads, nchunks, chunk), without the
-    pairwise kernel: every term of y_t carries exp(cumsum_t), every term with source s carries exp(-cumsum_s), and
-    the state leaving a chunk carries exp(cumsum at its last step), so the gradient with respect to cumsum_t is
-    dy_t·(y_t − D x_t) − dt_t·ddt_t (ddt: the gradient reaching dt through dt·x) + ⟨dS, S⟩ at a chunk's last step;
-    a reverse cumulative sum over the chunk turns it into the per-step gradient. mamba_ssm rejects this form for
-    the cancellation in that sum (tests/ops/test_ssd_ref.py holds the identity; op_variants measures its error)."""
-    batch, nheads, nchunks, chunk = dt_act.shape
-    d_cumsum = (dy.float() * (y.float() - D[:, None] * x.float())).sum(-1)  # (batch, seqlen, nheads)
-    d_cumsum = torch.nn.functional.pad(d_cumsum, (0, 0, 0, nchunks * chunk - d_cumsum.shape[1]))
-    d_cumsum = d_cumsum.view(batch, nchunks, chunk, nheads).permute(0, 3, 1, 2) - ddt_act * dt_act
-    # dstates[c] is the gradient to the state leaving chunk c, which is states[c + 1] (the last: the final state,
-    # whose gradient is zero here)
-    d_cumsum[..., :-1, -1] += (dstates[:, :-1].float() * states[:, 1:]).sum((-1, -2)).transpose(1, 2)
-    return d_cumsum.flip(-1).cumsum(-1).flip(-1)
+        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 6
 
 
 def _split_xbc(xBC: torch.Tensor, nheads: int, headdim: int, ngroups: int):
@@ -224,13 +200,11 @@ def conv_ssd_scan_fused(
     norm_eps,
     headdim,
     ngroups,
-    ddA_identity: bool = False,
 ) -> torch.Tensor:
-    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output. ``ddA_identity``:
-    the decays' gradient from ``_decay_grad_from_identity`` (a candidate op_variants measures)."""
+    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output."""
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
-        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, ddA_identity,
+        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups,
     )  # fmt: skip
