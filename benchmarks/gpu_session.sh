@@ -155,7 +155,7 @@ for phase in "${phases[@]}"; do
       run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     kepttests)  # conv + SSD + gated norm keeping its intermediates: against the reference ops and mamba_ssm's combined op
-      run kept-tests 260 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+      run kept-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "conv_ssd_scan or model_fused_matches_reference and 2-" --durations=5 ;;
     keptvariants)  # conv + SSD + gated norm: kept intermediates (and the ddA identity) against the combined op
       for shape in 8x4096 1x32768; do

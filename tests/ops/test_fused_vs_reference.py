@@ -411,7 +411,7 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: bool = False):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
     chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``: against
     mamba_ssm's combined op (the same kernels, recomputing in backward) instead of the reference ops."""
-    b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 256
+    b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
     inputs = {
