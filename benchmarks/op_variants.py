@@ -25,7 +25,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
-from hybridlm.ops.ssd import conv_ssd_scan_combined
+from hybridlm.ops.conv_ssd import conv_ssd_scan_combined
 
 
 @dataclass

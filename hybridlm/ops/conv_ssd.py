@@ -10,7 +10,8 @@ backward kernels. The kernels and their
 arguments are the combined op's, so outputs and gradients match it up to summation order
 (``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the reference ops).
 
-CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs.
+CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's own
+op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
 """
 
 from __future__ import annotations
@@ -208,3 +209,46 @@ def conv_ssd_scan_fused(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
         chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups,
     )  # fmt: skip
+
+
+def conv_ssd_scan_combined(
+    zxbcdt,
+    conv_weight,
+    conv_bias,
+    dt_bias,
+    A,
+    D,
+    chunk_size,
+    seq_idx,
+    dt_limit,
+    norm_weight,
+    norm_eps,
+    headdim,
+    ngroups,
+):
+    """mamba_ssm's ``mamba_split_conv1d_scan_combined`` without its output projection (the layer applies
+    ``out_proj`` as a module, so LoRA and ZeRO-3 see it). It keeps only ``zxbcdt`` and the scan output for
+    backward, recomputing the conv and the scan's chunk states, and writes every gradient into one buffer shaped
+    like ``zxbcdt``. The fused path was this until ``conv_ssd_scan_fused`` above (the same kernels, nothing
+    recomputed); kept as the baseline that op_variants and the GPU tests compare it with."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    return mamba_split_conv1d_scan_combined(
+        zxbcdt,
+        conv_weight,
+        conv_bias,
+        dt_bias,
+        A,
+        D,
+        chunk_size,
+        seq_idx=seq_idx,
+        dt_limit=dt_limit,
+        activation="silu",
+        rmsnorm_weight=norm_weight,
+        rmsnorm_eps=norm_eps,
+        headdim=headdim,
+        ngroups=ngroups,
+        norm_before_gate=False,
+    )

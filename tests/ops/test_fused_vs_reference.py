@@ -67,7 +67,7 @@ from hybridlm.ops.conv import (
     causal_conv1d_update_fused,
     causal_conv1d_update_ref,
 )
-from hybridlm.ops.conv_ssd import conv_ssd_scan_fused
+from hybridlm.ops.conv_ssd import conv_ssd_scan_combined, conv_ssd_scan_fused
 from hybridlm.ops.norm import (
     gated_rms_norm_fused,
     gated_rms_norm_ref,
@@ -80,7 +80,7 @@ from hybridlm.ops.selective import (
     selective_state_update_fused,
     selective_state_update_ref,
 )
-from hybridlm.ops.ssd import conv_ssd_scan_combined, ssd_scan_fused, ssd_scan_ref
+from hybridlm.ops.ssd import ssd_scan_fused, ssd_scan_ref
 
 pytestmark = pytest.mark.gpu
 
