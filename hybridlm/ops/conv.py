@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.layout import int32_addressable
+from hybridlm.ops.layout import int32_addressable, int32_seq_idx
 
 
 def causal_conv1d_ref(
@@ -58,7 +58,7 @@ def causal_conv1d_fused(x, weight, bias=None, activation="silu", seq_idx=None):
     if seq_idx is not None:
         # the kernel supports seq_idx only for channel-last memory layout
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        seq_idx = seq_idx.to(torch.int32).contiguous()
+        seq_idx = int32_seq_idx(seq_idx)
     elif x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(-1) % 8):
         # a channel-last view (a slice of in_proj's output) needs strides that are multiples of 8
         x = x.contiguous()

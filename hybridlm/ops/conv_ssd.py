@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
+from hybridlm.ops.layout import int32_seq_idx
+
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """(batch, seqlen, channels) as causal_conv1d's channel-last (batch, channels, seqlen) view; it needs the
@@ -203,8 +205,7 @@ def conv_ssd_scan_fused(
     ngroups,
 ) -> torch.Tensor:
     """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output."""
-    if seq_idx is not None:
-        seq_idx = seq_idx.to(torch.int32).contiguous()
+    seq_idx = int32_seq_idx(seq_idx)
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
         chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups,
@@ -233,8 +234,7 @@ def conv_ssd_scan_combined(
     recomputed); kept as the baseline that op_variants and the GPU tests compare it with."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
 
-    if seq_idx is not None:
-        seq_idx = seq_idx.to(torch.int32).contiguous()
+    seq_idx = int32_seq_idx(seq_idx)
     return mamba_split_conv1d_scan_combined(
         zxbcdt,
         conv_weight,

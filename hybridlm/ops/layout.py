@@ -15,3 +15,8 @@ def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
         return t
     last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
     return t if last < INT32_LIMIT else t.contiguous()
+
+
+def int32_seq_idx(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """Document ids as the kernels read them: contiguous int32 (the model passes them in any integer dtype)."""
+    return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()

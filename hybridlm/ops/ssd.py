@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.layout import int32_addressable
+from hybridlm.ops.layout import int32_addressable, int32_seq_idx
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,7 @@ def ssd_scan_fused(
 ):
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    if seq_idx is not None:
-        seq_idx = seq_idx.to(torch.int32).contiguous()
+    seq_idx = int32_seq_idx(seq_idx)
     x, dt, B, C, z = (int32_addressable(t) for t in (x, dt, B, C, z))
     return mamba_chunk_scan_combined(
         x,
