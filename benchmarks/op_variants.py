@@ -12,6 +12,7 @@ the reference's largest magnitude). Inputs have the dtypes the model hands the o
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
-from hybridlm.ops.conv_ssd import conv_ssd_scan_combined
+from hybridlm.ops.conv_ssd import conv_ssd_scan_combined, conv_ssd_scan_fused
 
 
 @dataclass
@@ -160,8 +161,10 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         with dispatch.reference_kernels():
             return ssd(m.chunk_size)(zxbcdt.float(), *params)
 
+    upstream_bwd = functools.partial(conv_ssd_scan_fused, own_bwd_kernels=False)
     ssd_variants = {
         f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
+        f"kept upstream bwd {m.chunk_size}": ssd(m.chunk_size, upstream_bwd),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),
@@ -177,6 +180,11 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
 
     def mlp_inputs():
         return [_leaf((tokens, d), bf16, device), *(_leaf((cfg.mlp.d_ff, d), fp32, device, scale=0.03) for _ in "gu")]
+
+    targets = torch.randint(0, cfg.vocab_size, (tokens,), device=device)
+
+    def logits_inputs():  # the lm head's output under autocast
+        return [_leaf((tokens, cfg.vocab_size), bf16, device, scale=3.0)]
 
     positions = torch.arange(tokens, device=device) % 4096
     inv_freq = 1.0 / (cfg.attention.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, device=device) / cfg.rotary_dim))
@@ -223,6 +231,15 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
             },
             # fp32 through the memory-efficient kernel: the explicit reference would hold seq_len² scores
             lambda q, k, v: _sdpa("EFFICIENT_ATTENTION")(q.float(), k.float(), v.float()),
+        ),
+        Case(
+            "cross_entropy",
+            logits_inputs,
+            {
+                "triton (hybridlm)": lambda logits: ops.cross_entropy(logits, targets),
+                "torch.compile": lambda logits: compiled.cross_entropy_fused(logits, targets),
+            },
+            lambda logits: compiled.cross_entropy_ref(logits, targets),
         ),
         Case(
             "gate_up",

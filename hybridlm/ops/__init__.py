@@ -200,6 +200,8 @@ def swiglu(gate, up) -> torch.Tensor:
 
 def cross_entropy(logits, targets, ignore_index: int = -100) -> torch.Tensor:
     """Summed cross-entropy in fp32 of (tokens, vocab) ``logits`` against (tokens,) ``targets``."""
-    fused = choose("cross_entropy", logits.device) == "fused"
-    impl = _compiled.cross_entropy_fused if fused else _compiled.cross_entropy_ref
-    return impl(logits, targets, ignore_index)
+    if choose("cross_entropy", logits.device) == "fused":
+        from hybridlm.ops.cross_entropy import cross_entropy_triton  # imports triton: CUDA only
+
+        return cross_entropy_triton(logits, targets, ignore_index)
+    return _compiled.cross_entropy_ref(logits, targets, ignore_index)

@@ -47,6 +47,7 @@ class ConvSSDScan(torch.autograd.Function):
         norm_eps: float,
         headdim: int,
         ngroups: int,
+        own_bwd_kernels: bool,
     ):
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
@@ -87,7 +88,7 @@ class ConvSSDScan(torch.autograd.Function):
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         )  # fmt: skip
-        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups)
+        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups, own_bwd_kernels)
         return out.view(batch, seqlen, d_inner)
 
     @staticmethod
@@ -106,11 +107,14 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
+        from hybridlm.ops.conv_bwd import causal_conv1d_silu_bwd
+        from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
+
         (
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         ) = ctx.saved_tensors  # fmt: skip
-        chunk_size, dt_limit, norm_eps, headdim, ngroups = ctx.config
+        chunk_size, dt_limit, norm_eps, headdim, ngroups, own_bwd_kernels = ctx.config
         nheads, d_inner = A.shape[0], norm_weight.shape[0]
         z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
@@ -121,20 +125,31 @@ class ConvSSDScan(torch.autograd.Function):
         dxBC = torch.empty_like(xBC_conv)  # the gradient at the conv's output
         dx, dB, dC = _split_xbc(dxBC, nheads, headdim, ngroups)
 
-        dy, dnorm_weight, _, _ = _layer_norm_bwd(
-            dout.contiguous().view(-1, d_inner),
-            y.view(-1, d_inner),
-            norm_weight,
-            None,
-            norm_eps,
-            None,
-            rstd,
-            z.view(-1, d_inner),
-            group_size=d_inner // ngroups,
-            norm_before_gate=False,
-            is_rms_norm=True,
-            dz=dz.view(-1, d_inner),  # a view: the kernel writes dz into dzxbcdt
-        )
+        if own_bwd_kernels:
+            dy, _, dnorm_weight = gated_rms_norm_bwd(
+                dout.contiguous().view(-1, d_inner),
+                y.view(-1, d_inner),
+                z.view(-1, d_inner),
+                norm_weight,
+                rstd,
+                d_inner // ngroups,
+                dz=dz.view(-1, d_inner),  # a view: the kernel writes dz into dzxbcdt
+            )
+        else:
+            dy, dnorm_weight, _, _ = _layer_norm_bwd(
+                dout.contiguous().view(-1, d_inner),
+                y.view(-1, d_inner),
+                norm_weight,
+                None,
+                norm_eps,
+                None,
+                rstd,
+                z.view(-1, d_inner),
+                group_size=d_inner // ngroups,
+                norm_before_gate=False,
+                is_rms_norm=True,
+                dz=dz.view(-1, d_inner),  # a view: the kernel writes dz into dzxbcdt
+            )
         dy = dy.view_as(x)
 
         # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
@@ -171,15 +186,18 @@ class ConvSSDScan(torch.autograd.Function):
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
 
-        # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
-        dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
-        _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
-            _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
-            dxBC_target.transpose(1, 2), False, True,
-        )  # fmt: skip
-        if dxBC_target is not dxBC_in:
-            dxBC_in.copy_(dxBC_target)
-        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 6
+        if own_bwd_kernels:  # writes the conv input's gradient straight into dzxbcdt
+            _, dconv_weight, dconv_bias = causal_conv1d_silu_bwd(xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in)
+        else:
+            # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
+            dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
+            _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
+                _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
+                dxBC_target.transpose(1, 2), False, True,
+            )  # fmt: skip
+            if dxBC_target is not dxBC_in:
+                dxBC_in.copy_(dxBC_target)
+        return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
 
 
 def _split_xbc(xBC: torch.Tensor, nheads: int, headdim: int, ngroups: int):
@@ -203,12 +221,15 @@ def conv_ssd_scan_fused(
     norm_eps,
     headdim,
     ngroups,
+    own_bwd_kernels: bool = True,
 ) -> torch.Tensor:
-    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output."""
+    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output.
+    ``own_bwd_kernels=False`` runs mamba_ssm's gated-norm backward and causal_conv1d's backward instead of
+    hybridlm's Triton kernels (``benchmarks/op_variants.py`` compares them)."""
     seq_idx = int32_seq_idx(seq_idx)
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
-        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups,
+        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, own_bwd_kernels,
     )  # fmt: skip
 
 

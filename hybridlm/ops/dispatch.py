@@ -8,8 +8,8 @@ SDPA, which is torch's own fused kernel on every device. The choice is logged on
 
 Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``): their reference is the chain of the
 simpler ops, each dispatched on its own, so forcing only the composite to its reference measures
-exactly what fusing it gains. ``add_rms_norm``, ``swiglu``, ``rotary`` and ``cross_entropy`` are fused
-by ``torch.compile`` (Inductor writes the Triton kernels).
+exactly what fusing it gains. ``add_rms_norm``, ``swiglu`` and ``rotary`` are fused by ``torch.compile``
+(Inductor writes the Triton kernels); ``cross_entropy`` runs Triton kernels of hybridlm's own.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "add_rms_norm": ("triton",),  # torch.compile
     "gated_rms_norm": ("mamba_ssm",),
     "swiglu": ("triton",),  # torch.compile
-    "cross_entropy": ("triton",),  # torch.compile
+    "cross_entropy": ("triton",),  # hybridlm's kernels: ops/cross_entropy.py
     "rotary": ("triton",),  # torch.compile
     "attention": ("flash_attn",),
 }
 OPS = tuple(FUSED_PACKAGES)
+# how the kernel tables name a fused path whose package does not say who wrote its kernels
+FUSED_NAMES = {"add_rms_norm": "torch.compile", "swiglu": "torch.compile", "rotary": "torch.compile"}
+FUSED_NAMES["cross_entropy"] = "Triton (hybridlm)"
 COMPOSITE_OPS = ("add_rms_norm", "conv_ssd_scan")  # unfused, they run the simpler ops (each dispatched)
 
 _forced_reference = False
@@ -135,12 +138,11 @@ def _announce(op: str, device_type: str, choice: str) -> None:
 def kernel_table(device: torch.device) -> dict[str, str]:
     """What each op will use on ``device``, for ``hybridlm info`` and start-up logs."""
     names = {"fused": "{pkg}", "sdpa": "torch SDPA", "reference": "reference (PyTorch)"}
-    fused_by = {"triton": "torch.compile"}
     table = {}
     for op, packages in FUSED_PACKAGES.items():
         choice = _decide(op, device)
         if choice == "reference" and op in COMPOSITE_OPS and not reference_forced():
             table[op] = "unfused (the ops it is made of)"
         else:
-            table[op] = names[choice].format(pkg=fused_by.get(packages[0], packages[0]))
+            table[op] = names[choice].format(pkg=FUSED_NAMES.get(op, packages[0]))
     return table

@@ -27,9 +27,11 @@ orders of magnitude, so they are compared relative to their largest entry).
     attention                                                         bf16   2e-2   2e-2   3e-2
     ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
     same       conv_ssd_scan vs mamba_ssm's combined op (the same     fp32   1e-4   1e-4   1e-4
-    kernels    kernels; only summation order and autotuning differ)   bf16   1e-2   1e-2   1e-2
+    kernels    kernels; only summation order and autotuning differ),  bf16   1e-2   1e-2   1e-2
+               and vs itself with mamba_ssm's and causal_conv1d's
+               backward kernels for the gated norm and the conv
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
-               swiglu, rotary, cross_entropy (torch.compile)          bf16   2e-2   2e-2   2e-2
+               swiglu, rotary (torch.compile), cross_entropy          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
     model                                                             bf16   1e-1   5e-2   5e-2
 
@@ -54,7 +56,6 @@ from hybridlm.model import InferenceCache
 from hybridlm.ops.attn import attention_flash, attention_ref, attention_sdpa
 from hybridlm.ops.compiled import (
     add_rms_norm_fused,
-    cross_entropy_fused,
     cross_entropy_ref,
     rotary_fused,
     rotary_ref,
@@ -407,10 +408,12 @@ def case_add_rms_norm(dtype, first: bool = False):
     )
 
 
-def case_conv_ssd_scan(dtype, packed: bool = True, baseline: bool = False):
+def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
-    chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``: against
-    mamba_ssm's combined op (the same kernels, recomputing in backward) instead of the reference ops."""
+    chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``:
+    against mamba_ssm's combined op (``"combined"``: the same kernels, recomputing in backward) or against
+    the same op with mamba_ssm's gated-norm and causal_conv1d's conv backward (``"upstream bwd"``: hybridlm's
+    two Triton backward kernels against theirs) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -440,8 +443,11 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: bool = False):
         with ops.reference_kernels():
             return ops.conv_ssd_scan(**i)
 
-    if baseline:
+    if baseline == "combined":
         return Case("same kernels", run(conv_ssd_scan_fused), run(conv_ssd_scan_combined), inputs, grads=tuple(inputs))
+    if baseline == "upstream bwd":
+        upstream = functools.partial(conv_ssd_scan_fused, own_bwd_kernels=False)
+        return Case("same kernels", run(conv_ssd_scan_fused), run(upstream), inputs, grads=tuple(inputs))
     return Case("ssd", run(conv_ssd_scan_fused), run(reference), inputs, grads=tuple(inputs))
 
 
@@ -462,15 +468,20 @@ def case_rotary(dtype):
     return Case("norm", run(rotary_fused), run(rotary_ref), inputs, grads=("x",))
 
 
-def case_cross_entropy(dtype):
-    targets = torch.randint(0, 1000, (256,), device="cuda")
+def case_cross_entropy(dtype, padded_rows: bool = False):
+    """A vocabulary spanning two and a bit of the kernel's blocks; ``padded_rows``: a view of the first
+    ``vocab`` columns of wider rows (as the chunked loss slices a padded head's output)."""
+    from hybridlm.ops.cross_entropy import BLOCK_V, cross_entropy_triton  # imports triton
+
+    vocab = 2 * BLOCK_V + 123
+    targets = torch.randint(0, vocab, (256,), device="cuda")
     targets[::7] = -100  # ignored positions
-    inputs = {"logits": cuda(256, 1000, dtype=dtype, scale=3.0)}
+    inputs = {"logits": cuda(256, vocab + (40 if padded_rows else 0), dtype=dtype, scale=3.0)}
 
     def run(impl):
-        return lambda logits: impl(logits, targets)
+        return lambda logits: impl(logits[:, :vocab], targets)
 
-    return Case("norm", run(cross_entropy_fused), run(cross_entropy_ref), inputs, grads=("logits",))
+    return Case("norm", run(cross_entropy_triton), run(cross_entropy_ref), inputs, grads=("logits",))
 
 
 FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -496,10 +507,12 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "add_rms_norm[first]": lambda dt: case_add_rms_norm(dt, first=True),
     "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
     "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
-    "conv_ssd_scan[vs combined]": lambda dt: case_conv_ssd_scan(dt, baseline=True),
+    "conv_ssd_scan[vs combined]": lambda dt: case_conv_ssd_scan(dt, baseline="combined"),
+    "conv_ssd_scan[seq_idx,vs upstream bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="upstream bwd"),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
+    "cross_entropy[padded rows]": lambda dt: case_cross_entropy(dt, padded_rows=True),
 }
 
 
