@@ -175,6 +175,8 @@ for phase in "${phases[@]}"; do
         --variants "kept chunk 128,kept upstream" --each-error
       run own-tests 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "conv_ssd_scan or cross_entropy" --durations=5 ;;
+    sweep)  # hybridlm's own Triton kernels against the upstream ones, over their launch shapes
+      run sweep-8x4096 400 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -201,7 +201,7 @@ def swiglu(gate, up) -> torch.Tensor:
 def cross_entropy(logits, targets, ignore_index: int = -100) -> torch.Tensor:
     """Summed cross-entropy in fp32 of (tokens, vocab) ``logits`` against (tokens,) ``targets``."""
     if choose("cross_entropy", logits.device) == "fused":
-        from hybridlm.ops.cross_entropy import cross_entropy_triton  # imports triton: CUDA only
+        from hybridlm.ops.triton_cross_entropy import cross_entropy_triton  # imports triton: CUDA only
 
         return cross_entropy_triton(logits, targets, ignore_index)
     return _compiled.cross_entropy_ref(logits, targets, ignore_index)

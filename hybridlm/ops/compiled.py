@@ -70,6 +70,6 @@ def rotary_fused(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tenso
 
 def cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     # the fp32 upcast is fused into the log-softmax: no fp32 copy of the logits is stored. The fused path of
-    # ops.cross_entropy until hybridlm's own kernels (ops/cross_entropy.py) measured faster; kept as their
+    # ops.cross_entropy until hybridlm's own kernels (ops/triton_cross_entropy.py) measured faster; kept as their
     # comparison in benchmarks/op_variants.py
     return _compiled(cross_entropy_ref)(logits, targets, ignore_index)

@@ -21,12 +21,25 @@ import triton.language as tl
 BLOCK_L = 32  # positions per tile
 BLOCK_C = 128  # channels per tile
 L_PER_PROGRAM = 256  # positions per program: a program's tap gradients cover this many before they are stored
+NUM_WARPS = 4
 
 
 @triton.jit
-def _tap(w2d, taps, k):
-    """Column ``k`` of the (channels, taps) weight tile."""
-    return tl.sum(tl.where(taps[None, :] == k, w2d, 0.0), axis=1)
+def _pick(k: tl.constexpr, v0, v1, v2, v3):
+    """``(v0, v1, v2, v3)[k]``, resolved at compile time."""
+    if k == 0:
+        return v0
+    elif k == 1:
+        return v1
+    elif k == 2:
+        return v2
+    else:
+        return v3
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride, cols_ok, rows_ok):
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -36,8 +49,7 @@ def _causal_conv1d_silu_bwd_kernel(
     stride_xb, stride_xl, stride_db, stride_dl, stride_dxb, stride_dxl, stride_seqb,
     HAS_BIAS: tl.constexpr,
     HAS_SEQ: tl.constexpr,
-    WIDTH: tl.constexpr,
-    WIDTH_POW2: tl.constexpr,
+    WIDTH: tl.constexpr,  # at most 4
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     L_PER_PROGRAM: tl.constexpr,
@@ -48,77 +60,81 @@ def _causal_conv1d_silu_bwd_kernel(
     b = (pid_bl // programs_per_row).to(tl.int64)
     l_start = (pid_bl % programs_per_row) * L_PER_PROGRAM
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < channels
-    taps = tl.arange(0, WIDTH_POW2)
-    w2d = tl.load(
-        W + cols[:, None] * WIDTH + taps[None, :], mask=col_mask[:, None] & (taps[None, :] < WIDTH), other=0.0
-    ).to(tl.float32)
+    col_ok = cols < channels
+    # the taps, each a (BLOCK_C,) vector; taps past WIDTH are zero and never used
+    w0 = tl.load(W + cols * WIDTH, mask=col_ok, other=0.0).to(tl.float32)
+    w1 = tl.load(W + cols * WIDTH + 1, mask=col_ok & (WIDTH > 1), other=0.0).to(tl.float32)
+    w2 = tl.load(W + cols * WIDTH + 2, mask=col_ok & (WIDTH > 2), other=0.0).to(tl.float32)
+    w3 = tl.load(W + cols * WIDTH + 3, mask=col_ok & (WIDTH > 3), other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw = tl.zeros((BLOCK_C, WIDTH_POW2), dtype=tl.float32)
+    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    x_row = X + b * stride_xb + cols[None, :]
-    dout_row = DOUT + b * stride_db + cols[None, :]
+    x_rows = X + b * stride_xb + cols[None, :]
+    dout_rows = DOUT + b * stride_db + cols[None, :]
+    if HAS_SEQ:
+        seq_row = SEQ + b * stride_seqb
 
     for l_offset in range(0, L_PER_PROGRAM, BLOCK_L):
         pos = l_start + l_offset + tl.arange(0, BLOCK_L)  # the positions whose input gradient this tile writes
-        pos_mask = pos < seqlen
+        pos_ok = pos < seqlen
         if HAS_SEQ:
-            seq_pos = tl.load(SEQ + b * stride_seqb + pos, mask=pos_mask, other=-1)
+            seq_pos = tl.load(seq_row + pos, mask=pos_ok, other=-1)
         dx = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
         # the output at pos + j reads the input at pos through tap WIDTH - 1 - j
         for j in tl.static_range(WIDTH):
             out_pos = pos + j
-            out_mask = out_pos < seqlen
+            out_ok = out_pos < seqlen
             if HAS_SEQ:
-                seq_out = tl.load(SEQ + b * stride_seqb + out_pos, mask=out_mask, other=-2)
+                seq_out = tl.load(seq_row + out_pos, mask=out_ok, other=-2)
             pre = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32) + bias[None, :]
             for k in tl.static_range(WIDTH):
                 src = out_pos - (WIDTH - 1) + k
-                src_mask = out_mask & (src >= 0)
+                src_ok = out_ok & (src >= 0)
                 if HAS_SEQ:
-                    src_mask &= tl.load(SEQ + b * stride_seqb + src, mask=src_mask, other=-3) == seq_out
-                x = tl.load(
-                    x_row + src.to(tl.int64)[:, None] * stride_xl, mask=src_mask[:, None] & col_mask[None, :], other=0.0
-                )
-                pre += _tap(w2d, taps, k)[None, :] * x.to(tl.float32)
-            dout = tl.load(
-                dout_row + out_pos.to(tl.int64)[:, None] * stride_dl,
-                mask=out_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
+                    src_ok &= tl.load(seq_row + src, mask=src_ok, other=-3) == seq_out
+                x = _load_rows(x_rows, src, stride_xl, col_ok, src_ok).to(tl.float32)
+                pre += _pick(k, w0, w1, w2, w3)[None, :] * x
+            dout = _load_rows(dout_rows, out_pos, stride_dl, col_ok, out_ok).to(tl.float32)
             sig = tl.sigmoid(pre)
-            dpre = dout.to(tl.float32) * sig * (1 + pre * (1 - sig))  # zero where the output is out of range
-            reaches = out_mask
+            dpre = dout * sig * (1 + pre * (1 - sig))  # zero where the output is out of range
+            reaches = out_ok
             if HAS_SEQ:
                 reaches &= seq_out == seq_pos
-            dx += tl.where(reaches[:, None], _tap(w2d, taps, WIDTH - 1 - j)[None, :] * dpre, 0.0)
-            if j == 0:  # the tile's own outputs: their taps' and bias's gradients
+            dx += tl.where(reaches[:, None], _pick(WIDTH - 1 - j, w0, w1, w2, w3)[None, :] * dpre, 0.0)
+            if j == 0:  # the tile's own outputs: their taps' and bias's gradients (the inputs again, from cache)
                 db += tl.sum(dpre, axis=0)
                 for k in tl.static_range(WIDTH):
                     src = pos - (WIDTH - 1) + k
-                    src_mask = pos_mask & (src >= 0)
+                    src_ok = pos_ok & (src >= 0)
                     if HAS_SEQ:
-                        src_mask &= tl.load(SEQ + b * stride_seqb + src, mask=src_mask, other=-3) == seq_pos
-                    x = tl.load(
-                        x_row + src.to(tl.int64)[:, None] * stride_xl,
-                        mask=src_mask[:, None] & col_mask[None, :],
-                        other=0.0,
-                    )
-                    dw += tl.where(taps[None, :] == k, tl.sum(dpre * x.to(tl.float32), axis=0)[:, None], 0.0)
+                        src_ok &= tl.load(seq_row + src, mask=src_ok, other=-3) == seq_pos
+                    x = _load_rows(x_rows, src, stride_xl, col_ok, src_ok).to(tl.float32)
+                    tap_grad = tl.sum(dpre * x, axis=0)
+                    if k == 0:
+                        dw0 += tap_grad
+                    elif k == 1:
+                        dw1 += tap_grad
+                    elif k == 2:
+                        dw2 += tap_grad
+                    else:
+                        dw3 += tap_grad
         tl.store(
             DX + b * stride_dxb + pos.to(tl.int64)[:, None] * stride_dxl + cols[None, :],
             dx.to(DX.dtype.element_ty),
-            mask=pos_mask[:, None] & col_mask[None, :],
+            mask=pos_ok[:, None] & col_ok[None, :],
         )
-    tl.store(
-        DW_PARTIAL + pid_bl * channels * WIDTH + cols[:, None] * WIDTH + taps[None, :],
-        dw,
-        mask=col_mask[:, None] & (taps[None, :] < WIDTH),
-    )
-    tl.store(DB_PARTIAL + pid_bl * channels + cols, db, mask=col_mask)
+    dw_out = DW_PARTIAL + pid_bl * channels * WIDTH + cols * WIDTH
+    tl.store(dw_out, dw0, mask=col_ok)
+    tl.store(dw_out + 1, dw1, mask=col_ok & (WIDTH > 1))
+    tl.store(dw_out + 2, dw2, mask=col_ok & (WIDTH > 2))
+    tl.store(dw_out + 3, dw3, mask=col_ok & (WIDTH > 3))
+    tl.store(DB_PARTIAL + pid_bl * channels + cols, db, mask=col_ok)
 
 
 def causal_conv1d_silu_bwd(
@@ -135,6 +151,8 @@ def causal_conv1d_silu_bwd(
     without a bias), the tap and bias gradients in the weights' dtypes."""
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
+    if not 1 <= width <= 4:
+        raise ValueError(f"causal_conv1d_silu_bwd: conv width {width} (the kernel takes 1 to 4 taps)")
     for name, t in (("x", x), ("dout", dout)) + ((("dx", dx),) if dx is not None else ()):
         if t.shape != x.shape or t.stride(-1) != 1:
             raise ValueError(f"causal_conv1d_silu_bwd: {name} {tuple(t.shape)} must be {tuple(x.shape)}, unit stride")
@@ -150,8 +168,7 @@ def causal_conv1d_silu_bwd(
         x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
         seq_idx.stride(0) if seq_idx is not None else 0,
         HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-        WIDTH=width, WIDTH_POW2=triton.next_power_of_2(width),
-        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, L_PER_PROGRAM=L_PER_PROGRAM, num_warps=4,
+        WIDTH=width, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, L_PER_PROGRAM=L_PER_PROGRAM, num_warps=NUM_WARPS,
     )  # fmt: skip
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(bias.dtype) if bias is not None else None

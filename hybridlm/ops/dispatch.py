@@ -37,7 +37,7 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "add_rms_norm": ("triton",),  # torch.compile
     "gated_rms_norm": ("mamba_ssm",),
     "swiglu": ("triton",),  # torch.compile
-    "cross_entropy": ("triton",),  # hybridlm's kernels: ops/cross_entropy.py
+    "cross_entropy": ("triton",),  # hybridlm's kernels: ops/triton_cross_entropy.py
     "rotary": ("triton",),  # torch.compile
     "attention": ("flash_attn",),
 }

@@ -71,12 +71,15 @@ def gated_rms_norm_bwd(
     group_size: int,
     dz: torch.Tensor | None = None,
     programs_per_sm: int = PROGRAMS_PER_SM,
+    block_m: int | None = None,
+    num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``rms_norm(y * silu(z)) * weight`` (gate before the norm, groups of ``group_size``
     channels) from the output's gradient ``dout``, given the forward's ``rstd`` laid out as mamba_ssm's forward
     writes it (``(ngroups * rows,)``, group-major). ``dout``, ``y``, ``z`` are (rows, channels) with unit column
     stride and any row stride; ``dz``, when given, is a view the kernel writes into (a slice of in_proj's
-    gradient, say). Returns ``(dy, dz, dweight)``."""
+    gradient, say). ``programs_per_sm``, ``block_m`` (rows per tile) and ``num_warps`` are the launch's
+    shape (``benchmarks/own_kernels.py`` sweeps them). Returns ``(dy, dz, dweight)``."""
     rows, channels = y.shape
     if channels % group_size:
         raise ValueError(f"gated_rms_norm_bwd: {channels} channels is not a multiple of group_size {group_size}")
@@ -87,7 +90,7 @@ def gated_rms_norm_bwd(
     dy = torch.empty_like(y)
     dz = torch.empty_like(z) if dz is None else dz
     block_n = triton.next_power_of_2(group_size)
-    block_m = max(1, min(16, 8192 // block_n))  # ~8k elements per tensor per tile
+    block_m = block_m or max(1, min(16, 8192 // block_n))  # ~8k elements per tensor per tile
     sm_count = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 1
     programs = max(1, min(triton.cdiv(rows, block_m), sm_count * programs_per_sm // ngroups))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
@@ -98,6 +101,6 @@ def gated_rms_norm_bwd(
         rows, group_size,
         dout.stride(0), y.stride(0), z.stride(0), dy.stride(0), dz.stride(0),
         rows_per_program,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return dy, dz, dw_partial.sum(0).to(weight.dtype)

@@ -471,7 +471,7 @@ def case_rotary(dtype):
 def case_cross_entropy(dtype, padded_rows: bool = False):
     """A vocabulary spanning two and a bit of the kernel's blocks; ``padded_rows``: a view of the first
     ``vocab`` columns of wider rows (as the chunked loss slices a padded head's output)."""
-    from hybridlm.ops.cross_entropy import BLOCK_V, cross_entropy_triton  # imports triton
+    from hybridlm.ops.triton_cross_entropy import BLOCK_V, cross_entropy_triton  # imports triton
 
     vocab = 2 * BLOCK_V + 123
     targets = torch.randint(0, vocab, (256,), device="cuda")

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 BLOCK_V = 4096  # logits per iteration of a row's loop
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -78,7 +79,7 @@ class CrossEntropySum(torch.autograd.Function):
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
         if rows:
             _cross_entropy_fwd_kernel[(rows,)](
-                logits, targets, loss, lse, n_vocab, logits.stride(0), ignore_index, BLOCK=BLOCK_V, num_warps=8
+                logits, targets, loss, lse, n_vocab, logits.stride(0), ignore_index, BLOCK=BLOCK_V, num_warps=NUM_WARPS
             )
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index = ignore_index
@@ -93,7 +94,7 @@ class CrossEntropySum(torch.autograd.Function):
             _cross_entropy_bwd_kernel[(rows,)](
                 logits, targets, lse, grad_out.contiguous(), dlogits,
                 n_vocab, logits.stride(0), dlogits.stride(0), ctx.ignore_index,
-                BLOCK=BLOCK_V, num_warps=8,
+                BLOCK=BLOCK_V, num_warps=NUM_WARPS,
             )  # fmt: skip
         return dlogits, None, None
 
