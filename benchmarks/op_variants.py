@@ -161,10 +161,10 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         with dispatch.reference_kernels():
             return ssd(m.chunk_size)(zxbcdt.float(), *params)
 
-    upstream_bwd = functools.partial(conv_ssd_scan_fused, own_bwd_kernels=False)
+    upstream_bwd = functools.partial(conv_ssd_scan_fused, own_norm_bwd=False)
     ssd_variants = {
         f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
-        f"kept upstream bwd {m.chunk_size}": ssd(m.chunk_size, upstream_bwd),
+        f"kept upstream norm bwd {m.chunk_size}": ssd(m.chunk_size, upstream_bwd),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),

@@ -1,8 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
-their launch shapes: the evidence for the defaults in ``hybridlm/ops/{gated_norm_bwd,conv_bwd,
-triton_cross_entropy}.py``.
+their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py`` and
+``hybridlm/ops/triton_cross_entropy.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,conv,loss] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, triton_cross_entropy
+from hybridlm.ops import compiled, gated_norm_bwd, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -74,48 +74,12 @@ def norm_variants(tokens: int, d_inner: int, zxbcdt_width: int, quick: bool) -> 
         return dy, dz_, dw
 
     variants = {"mamba_ssm _layer_norm_bwd": upstream}
-    shapes = [(4, None, 8)] if quick else itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8))
+    defaults = (gated_norm_bwd.PROGRAMS_PER_SM, gated_norm_bwd.BLOCK_M, gated_norm_bwd.NUM_WARPS)
+    shapes = [defaults] if quick else itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8))
     for per_sm, block_m, warps in shapes:
-        name = f"ours {per_sm}/SM rows {block_m or 'auto'} warps {warps}"
+        name = f"ours {per_sm}/SM rows {block_m} warps {warps}"
         variants[name] = lambda p=per_sm, m=block_m, w=warps: gated_norm_bwd.gated_rms_norm_bwd(
             dout, y, z, weight, rstd, d_inner, dz=dz, programs_per_sm=p, block_m=m, num_warps=w
-        )
-    return variants
-
-
-def conv_variants(batch: int, seqlen: int, channels: int, zxbcdt_width: int, quick: bool) -> dict[str, Callable]:
-    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
-
-    dev, bf16 = "cuda", torch.bfloat16
-    x = torch.randn(batch, seqlen, zxbcdt_width, device=dev, dtype=bf16)[..., :channels]
-    weight = torch.randn(channels, 4, device=dev) * 0.5
-    bias = torch.randn(channels, device=dev) * 0.1
-    dout = torch.randn(batch, seqlen, channels, device=dev, dtype=bf16)
-    dx = torch.empty(batch, seqlen, zxbcdt_width, device=dev, dtype=bf16)[..., :channels]
-
-    def upstream():
-        _, dw, db, _ = causal_conv1d_bwd_function(
-            x.transpose(1, 2), weight, bias, dout.transpose(1, 2), None, None, None, dx.transpose(1, 2), False, True
-        )
-        return dx, dw, db
-
-    def ours(block_l, block_c, warps, per_program):
-        def run():
-            conv_bwd.BLOCK_L, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS = block_l, block_c, warps
-            conv_bwd.L_PER_PROGRAM = per_program
-            try:
-                return conv_bwd.causal_conv1d_silu_bwd(x, weight, bias, dout, None, dx=dx)
-            finally:
-                conv_bwd.BLOCK_L, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.L_PER_PROGRAM = defaults
-
-        return run
-
-    defaults = (conv_bwd.BLOCK_L, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.L_PER_PROGRAM)
-    variants = {"causal_conv1d channel-last bwd": upstream}
-    shapes = [defaults] if quick else itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (256, 1024))
-    for block_l, block_c, warps, per_program in shapes:
-        variants[f"ours L{block_l} C{block_c} warps {warps} per {per_program}"] = ours(
-            block_l, block_c, warps, per_program
         )
     return variants
 
@@ -155,19 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("--shape", default="8x4096")
-    p.add_argument("--kernels", default="norm,conv,loss")
+    p.add_argument("--kernels", default="norm,loss")
     p.add_argument("--quick", action="store_true", help="only the default launch shapes")
     args = p.parse_args(argv)
     cfg = load_run_config(args.config).model
     ((batch, seqlen),) = parse_shapes(args.shape)
     tokens = batch * seqlen
-    d_inner, channels = cfg.d_inner, cfg.conv_channels
-    width = d_inner + channels + cfg.mamba_n_heads  # in_proj's output: z, xBC, dt
+    d_inner = cfg.d_inner
+    width = d_inner + cfg.conv_channels + cfg.mamba_n_heads  # in_proj's output: z, xBC, dt
     kernels = args.kernels.split(",")
     if "norm" in kernels:
         report("norm", norm_variants(tokens, d_inner, width, args.quick))
-    if "conv" in kernels:
-        report("conv", conv_variants(batch, seqlen, channels, width, args.quick))
     if "loss" in kernels:
         report("loss", loss_variants(tokens, cfg.vocab_size, args.quick))
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from typing import Any
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run only under Triton's interpreter, and it must be chosen before triton is
+# first imported (its library functions are decorated then): tests/ops/test_triton_interpreted.py
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig

@@ -47,7 +47,7 @@ class ConvSSDScan(torch.autograd.Function):
         norm_eps: float,
         headdim: int,
         ngroups: int,
-        own_bwd_kernels: bool,
+        own_norm_bwd: bool,
     ):
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
@@ -88,7 +88,7 @@ class ConvSSDScan(torch.autograd.Function):
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         )  # fmt: skip
-        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups, own_bwd_kernels)
+        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups, own_norm_bwd)
         return out.view(batch, seqlen, d_inner)
 
     @staticmethod
@@ -107,14 +107,13 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops.conv_bwd import causal_conv1d_silu_bwd
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         ) = ctx.saved_tensors  # fmt: skip
-        chunk_size, dt_limit, norm_eps, headdim, ngroups, own_bwd_kernels = ctx.config
+        chunk_size, dt_limit, norm_eps, headdim, ngroups, own_norm_bwd = ctx.config
         nheads, d_inner = A.shape[0], norm_weight.shape[0]
         z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
@@ -125,7 +124,7 @@ class ConvSSDScan(torch.autograd.Function):
         dxBC = torch.empty_like(xBC_conv)  # the gradient at the conv's output
         dx, dB, dC = _split_xbc(dxBC, nheads, headdim, ngroups)
 
-        if own_bwd_kernels:
+        if own_norm_bwd:
             dy, _, dnorm_weight = gated_rms_norm_bwd(
                 dout.contiguous().view(-1, d_inner),
                 y.view(-1, d_inner),
@@ -186,17 +185,14 @@ class ConvSSDScan(torch.autograd.Function):
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
 
-        if own_bwd_kernels:  # writes the conv input's gradient straight into dzxbcdt
-            _, dconv_weight, dconv_bias = causal_conv1d_silu_bwd(xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in)
-        else:
-            # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
-            dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
-            _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
-                _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
-                dxBC_target.transpose(1, 2), False, True,
-            )  # fmt: skip
-            if dxBC_target is not dxBC_in:
-                dxBC_in.copy_(dxBC_target)
+        # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
+        dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
+        _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
+            _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
+            dxBC_target.transpose(1, 2), False, True,
+        )  # fmt: skip
+        if dxBC_target is not dxBC_in:
+            dxBC_in.copy_(dxBC_target)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
 
 
@@ -221,15 +217,15 @@ def conv_ssd_scan_fused(
     norm_eps,
     headdim,
     ngroups,
-    own_bwd_kernels: bool = True,
+    own_norm_bwd: bool = True,
 ) -> torch.Tensor:
     """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output.
-    ``own_bwd_kernels=False`` runs mamba_ssm's gated-norm backward and causal_conv1d's backward instead of
-    hybridlm's Triton kernels (``benchmarks/op_variants.py`` compares them)."""
+    ``own_norm_bwd=False`` runs mamba_ssm's gated-norm backward instead of hybridlm's
+    (``ops/gated_norm_bwd.py``; ``benchmarks/op_variants.py`` compares them)."""
     seq_idx = int32_seq_idx(seq_idx)
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
-        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, own_bwd_kernels,
+        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, own_norm_bwd,
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Kernel dispatch: one module decides; the reference can be forced by environment or by call."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,7 @@ def test_reference_ops_turn_one_lever_off_and_restore_it(monkeypatch):
         assert ops.kernel_table(CUDA)["swiglu"] == "reference (PyTorch)"
     assert dispatch.choose("swiglu", CUDA) == "fused"
     assert ops.kernel_table(CUDA)["swiglu"] == "torch.compile"
+    assert ops.kernel_table(CUDA)["cross_entropy"] == "Triton (hybridlm)"  # who wrote the kernels, not the package
     ops.set_kernels("auto", ["conv_ssd_scan"])
     try:
         assert dispatch.choose("conv_ssd_scan", CUDA) == "reference"
@@ -100,3 +102,10 @@ def test_a_composite_is_fused_only_when_every_package_it_needs_imports(monkeypat
     monkeypatch.setattr(dispatch, "available", lambda package: package != "causal_conv1d")
     assert dispatch.choose("ssd_scan", CUDA) == "fused"
     assert dispatch.choose("conv_ssd_scan", CUDA) == "reference"
+
+
+def test_no_module_of_the_ops_package_is_named_like_an_op():
+    """Importing ``hybridlm.ops.<name>`` would replace the function ``ops.<name>`` with the module (the Triton
+    cross-entropy once did: the training loss became "'module' object is not callable")."""
+    package_dir = Path(ops.__file__).parent
+    assert not [name for name in ops.__all__ if (package_dir / f"{name}.py").exists()]

@@ -28,8 +28,7 @@ orders of magnitude, so they are compared relative to their largest entry).
     ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
     same       conv_ssd_scan vs mamba_ssm's combined op (the same     fp32   1e-4   1e-4   1e-4
     kernels    kernels; only summation order and autotuning differ),  bf16   1e-2   1e-2   1e-2
-               and vs itself with mamba_ssm's and causal_conv1d's
-               backward kernels for the gated norm and the conv
+               and vs itself with mamba_ssm's gated-norm backward
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
                swiglu, rotary (torch.compile), cross_entropy          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
@@ -412,8 +411,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
     chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``:
     against mamba_ssm's combined op (``"combined"``: the same kernels, recomputing in backward) or against
-    the same op with mamba_ssm's gated-norm and causal_conv1d's conv backward (``"upstream bwd"``: hybridlm's
-    two Triton backward kernels against theirs) instead of the reference ops."""
+    the same op with mamba_ssm's gated-norm backward (``"upstream norm bwd"``: hybridlm's Triton kernel
+    against theirs) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -445,8 +444,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
 
     if baseline == "combined":
         return Case("same kernels", run(conv_ssd_scan_fused), run(conv_ssd_scan_combined), inputs, grads=tuple(inputs))
-    if baseline == "upstream bwd":
-        upstream = functools.partial(conv_ssd_scan_fused, own_bwd_kernels=False)
+    if baseline == "upstream norm bwd":
+        upstream = functools.partial(conv_ssd_scan_fused, own_norm_bwd=False)
         return Case("same kernels", run(conv_ssd_scan_fused), run(upstream), inputs, grads=tuple(inputs))
     return Case("ssd", run(conv_ssd_scan_fused), run(reference), inputs, grads=tuple(inputs))
 
@@ -508,7 +507,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
     "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
     "conv_ssd_scan[vs combined]": lambda dt: case_conv_ssd_scan(dt, baseline="combined"),
-    "conv_ssd_scan[seq_idx,vs upstream bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="upstream bwd"),
+    "conv_ssd_scan[seq_idx,vs upstream norm bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="upstream norm bwd"),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,

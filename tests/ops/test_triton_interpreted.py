@@ -1,0 +1,100 @@
+"""hybridlm's own Triton kernels on the CPU, under Triton's interpreter (``TRITON_INTERPRET=1``), against autograd
+through the PyTorch references: CI has no GPU, so this is where the kernels' arithmetic, masking, strides and
+multi-program reductions are checked on every run. Their speed and compiled code are the GPU tests' business
+(``tests/ops/test_fused_vs_reference.py``), so on a GPU machine this module is skipped. Needs ``triton`` (>= 3.9:
+older interpreters fail under numpy 2.4); ``.ci/run`` installs it, and ``tests/conftest.py`` turns the interpreter
+on before triton is imported. Inputs are float64 where the kernels allow it, so differences are the kernels' fp32
+arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlm.ops.compiled import cross_entropy_ref
+from hybridlm.ops.norm import gated_rms_norm_ref
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("a GPU is here: the GPU tests run these kernels compiled", allow_module_level=True)
+triton = pytest.importorskip("triton")
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+    pytest.skip(f"triton {triton.__version__}'s interpreter fails under numpy 2.4", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    names = ("gated_norm_bwd", "triton_cross_entropy")
+    return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
+
+
+@pytest.mark.parametrize(
+    "rows, channels, group_size, z_row_pad",
+    [(37, 64, 64, 5), (50, 96, 32, 0), (9, 48, 16, 3)],
+    ids=["one group, strided z", "three groups", "rows fewer than programs"],
+)
+def test_gated_norm_backward_matches_autograd(kernels, rows, channels, group_size, z_row_pad):
+    torch.manual_seed(0)
+    eps = 1e-5
+    y = torch.randn(rows, channels, dtype=torch.float64)
+    z_rows = torch.randn(rows, channels + z_row_pad, dtype=torch.float64)
+    z = z_rows[:, :channels]  # a slice of wider rows, as z inside in_proj's output
+    weight = torch.rand(channels, dtype=torch.float64) + 0.5
+    leaves = [t.clone().requires_grad_() for t in (y, z, weight)]
+    out = gated_rms_norm_ref(*leaves, eps, group_size)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    gated = (y * F.silu(z)).unflatten(-1, (-1, group_size))
+    rstd = torch.rsqrt(gated.pow(2).mean(-1) + eps).t().flatten()  # group-major, as mamba_ssm's forward saves it
+
+    dz_rows = torch.zeros_like(z_rows)
+    dy, dz, dweight = kernels["gated_norm_bwd"].gated_rms_norm_bwd(
+        dout, y, z, weight, rstd, group_size, dz=dz_rows[:, :channels]
+    )
+    for got, leaf in zip((dy, dz, dweight), leaves, strict=True):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
+    assert dz.data_ptr() == dz_rows.data_ptr()  # written into the given view
+    assert not dz_rows[:, channels:].any()  # and nowhere else in its rows
+
+
+def test_gated_norm_backward_refuses_a_channel_count_its_groups_do_not_divide(kernels):
+    t = torch.zeros(4, 48)
+    with pytest.raises(ValueError, match="not a multiple of group_size 32"):
+        kernels["gated_norm_bwd"].gated_rms_norm_bwd(t, t, t, torch.ones(48), torch.ones(4), 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_pad", [0, 24], ids=["rows", "padded rows"])
+def test_cross_entropy_matches_the_reference(kernels, monkeypatch, dtype, row_pad):
+    module = kernels["triton_cross_entropy"]
+    monkeypatch.setattr(module, "BLOCK_V", 64)  # the 150-logit rows span three blocks, the last one partial
+    torch.manual_seed(0)
+    vocab = 150
+    rows = (torch.randn(12, vocab + row_pad) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (12,))
+    targets[[1, 7]] = -100  # ignored: no loss, no gradient
+    upstream = torch.tensor(0.37)  # the mean's 1/count, say: the backward reads it from memory
+
+    ref_logits = rows[:, :vocab].clone().requires_grad_()
+    want = cross_entropy_ref(ref_logits, targets)
+    want.backward(upstream)
+    got_rows = rows.clone().requires_grad_()
+    got = module.cross_entropy_triton(got_rows[:, :vocab], targets)
+    got.backward(upstream)
+
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    atol = 1e-6 if dtype == torch.float32 else 4e-3  # one rounding to bf16 of values below 0.4
+    torch.testing.assert_close(got_rows.grad[:, :vocab], ref_logits.grad, atol=atol, rtol=0)
+    assert not got_rows.grad[[1, 7]].any()
+    assert not got_rows.grad[:, vocab:].any()
+
+
+def test_cross_entropy_of_only_ignored_rows_is_zero(kernels):
+    logits = torch.randn(3, 10, requires_grad=True)
+    loss = kernels["triton_cross_entropy"].cross_entropy_triton(logits, torch.full((3,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
