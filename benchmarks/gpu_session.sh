@@ -167,14 +167,14 @@ for phase in "${phases[@]}"; do
         run bench-chunk$chunk 240 python3 -m hybridlm bench $CFG model.mamba.chunk_size=$chunk --shapes 8x4096,1x32768 \
           --systems hybridlm,mamba_ssm --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       done ;;
-    ownbwd)  # hybridlm's Triton backward kernels (gated norm, conv) and cross-entropy: op times, then GPU tests
-      run own-variants-8x4096 200 python3 benchmarks/op_variants.py $CFG --shape 8x4096 \
-        --ops conv_ssd_scan,cross_entropy --variants "kept chunk 128,kept upstream,combined chunk 128,triton,compile" \
-        --each-error
-      run own-variants-1x32768 150 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
-        --variants "kept chunk 128,kept upstream" --each-error
-      run own-tests 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        -k "conv_ssd_scan or cross_entropy" --durations=5 ;;
+    ownbwd)  # hybridlm's Triton gated-norm backward and cross-entropy: op times, GPU tests, then the bench
+      run own-variants-8x4096 120 python3 benchmarks/op_variants.py $CFG --shape 8x4096 \
+        --ops conv_ssd_scan,cross_entropy --variants "kept chunk 128,kept upstream,triton,compile" --each-error
+      run own-tests 200 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        -k "conv_ssd_scan[seq_idx] or upstream or cross_entropy or model_fused_matches_reference and 2-" \
+        --durations=5
+      run bench-train 240 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     sweep)  # hybridlm's own Triton kernels against the upstream ones, over their launch shapes
       run sweep-8x4096 400 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 ;;
     *) echo "unknown phase $phase" ;;
