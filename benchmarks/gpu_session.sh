@@ -177,6 +177,15 @@ for phase in "${phases[@]}"; do
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     sweep)  # hybridlm's own Triton kernels against the upstream ones, over their launch shapes
       run sweep-8x4096 400 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 ;;
+    track+modeltests)  # 200 tracked steps beside the whole-model and CUDA-graphed-step tests of Mamba-2
+      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" --parallel &
+      run model-tests 540 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "model_fused_matches_reference and 2- or captured_step and 2"
+      wait
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
