@@ -88,7 +88,7 @@ def gated_rms_norm_bwd(
     rows, channels = y.shape
     if channels % group_size:
         raise ValueError(f"gated_rms_norm_bwd: {channels} channels is not a multiple of group_size {group_size}")
-    for name, t in (("dout", dout), ("y", y), ("z", z)):
+    for name, t in (("dout", dout), ("y", y), ("z", z)) + ((("dz", dz),) if dz is not None else ()):
         if t.shape != (rows, channels) or t.stride(-1) != 1:
             raise ValueError(f"gated_rms_norm_bwd: {name} {tuple(t.shape)} must be ({rows}, {channels}), unit stride")
     ngroups = channels // group_size

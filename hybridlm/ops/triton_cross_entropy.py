@@ -45,8 +45,9 @@ def _cross_entropy_fwd_kernel(
     lse = running_max + tl.log(running_sum)
     target = tl.load(TARGETS + row)
     valid = target != ignore_index
-    target_logit = tl.load(row_logits + tl.where(valid, target, 0)).to(tl.float32)
-    tl.store(LOSS + row, tl.where(valid, lse - target_logit, 0.0))
+    in_range = (target >= 0) & (target < n_vocab)  # unchecked on the host (a sync); a bad id reads NaN, not memory
+    target_logit = tl.load(row_logits + tl.where(valid & in_range, target, 0)).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, tl.where(in_range, lse - target_logit, float("nan")), 0.0))
     tl.store(LSE + row, lse)
 
 

@@ -98,3 +98,10 @@ def test_cross_entropy_of_only_ignored_rows_is_zero(kernels):
     loss = kernels["triton_cross_entropy"].cross_entropy_triton(logits, torch.full((3,), -100))
     loss.backward()
     assert loss.item() == 0.0 and not logits.grad.any()
+
+
+def test_cross_entropy_of_a_target_outside_the_vocabulary_is_nan(kernels):
+    """The ids are not checked on the host (that would synchronise): the loss says so instead of reading past
+    the row."""
+    loss = kernels["triton_cross_entropy"].cross_entropy_triton(torch.randn(2, 10), torch.tensor([3, 10]))
+    assert loss.isnan()
