@@ -94,6 +94,8 @@ def gated_rms_norm_bwd(
     ngroups = channels // group_size
     dy = torch.empty_like(y)
     dz = torch.empty_like(z) if dz is None else dz
+    if rows == 0:
+        return dy, dz, torch.zeros_like(weight)
     block_n = triton.next_power_of_2(group_size)
     sm_count = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 1
     programs = max(1, min(triton.cdiv(rows, block_m), sm_count * programs_per_sm // ngroups))

@@ -33,11 +33,11 @@ def kernels():
 
 
 @pytest.mark.parametrize(
-    "rows, channels, group_size, z_row_pad",
-    [(37, 64, 64, 5), (50, 96, 32, 0), (9, 48, 16, 3)],
-    ids=["one group, strided z", "three groups", "rows fewer than programs"],
+    "rows, channels, group_size, z_row_pad, block_m",
+    [(37, 64, 64, 5, 1), (50, 96, 32, 0, 1), (9, 48, 16, 3, 1), (37, 64, 64, 5, 4)],
+    ids=["one group, strided z", "three groups", "rows fewer than programs", "tiles of 4 rows, the last partial"],
 )
-def test_gated_norm_backward_matches_autograd(kernels, rows, channels, group_size, z_row_pad):
+def test_gated_norm_backward_matches_autograd(kernels, rows, channels, group_size, z_row_pad, block_m):
     torch.manual_seed(0)
     eps = 1e-5
     y = torch.randn(rows, channels, dtype=torch.float64)
@@ -53,12 +53,18 @@ def test_gated_norm_backward_matches_autograd(kernels, rows, channels, group_siz
 
     dz_rows = torch.zeros_like(z_rows)
     dy, dz, dweight = kernels["gated_norm_bwd"].gated_rms_norm_bwd(
-        dout, y, z, weight, rstd, group_size, dz=dz_rows[:, :channels]
+        dout, y, z, weight, rstd, group_size, dz=dz_rows[:, :channels], block_m=block_m
     )
     for got, leaf in zip((dy, dz, dweight), leaves, strict=True):
         torch.testing.assert_close(got, leaf.grad, atol=1e-5, rtol=1e-5)
     assert dz.data_ptr() == dz_rows.data_ptr()  # written into the given view
     assert not dz_rows[:, channels:].any()  # and nowhere else in its rows
+
+
+def test_gated_norm_backward_of_no_rows_is_empty(kernels):
+    t = torch.zeros(0, 8)
+    dy, dz, dweight = kernels["gated_norm_bwd"].gated_rms_norm_bwd(t, t, t, torch.ones(8), torch.ones(0), 8)
+    assert dy.shape == dz.shape == (0, 8) and not dweight.any()
 
 
 def test_gated_norm_backward_refuses_a_channel_count_its_groups_do_not_divide(kernels):
