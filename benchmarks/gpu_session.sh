@@ -186,6 +186,9 @@ for phase in "${phases[@]}"; do
         -k "model_fused_matches_reference and 2- or captured_step and 2"
       wait
       cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+    ssdconfigs)  # mamba_ssm's SSD kernels over launch configs beyond their autotuners' lists; weight-grad dtypes
+      run ssd-configs 420 python3 benchmarks/ssd_configs.py $CFG --shape 8x4096 --jobs 14
+      run wgrad-dtype 90 python3 benchmarks/wgrad_dtype.py $CFG --shape 8x4096 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
