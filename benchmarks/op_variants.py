@@ -26,7 +26,7 @@ from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
 from hybridlm.model.mamba2 import inverse_softplus, sample_dt
 from hybridlm.ops import compiled, dispatch, norm
-from hybridlm.ops.conv_ssd import conv_ssd_scan_combined, conv_ssd_scan_fused
+from hybridlm.ops.conv_ssd import MixerKernels, conv_ssd_scan_combined, conv_ssd_scan_fused
 
 
 @dataclass
@@ -161,10 +161,14 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         with dispatch.reference_kernels():
             return ssd(m.chunk_size)(zxbcdt.float(), *params)
 
-    upstream_bwd = functools.partial(conv_ssd_scan_fused, own_norm_bwd=False)
+    def without(field: str):  # the kept-intermediates op with one of hybridlm's choices switched off
+        return ssd(m.chunk_size, functools.partial(conv_ssd_scan_fused, kernels=MixerKernels(**{field: False})))
+
     ssd_variants = {
         f"kept chunk {m.chunk_size}": ssd(m.chunk_size),
-        f"kept upstream norm bwd {m.chunk_size}": ssd(m.chunk_size, upstream_bwd),
+        f"kept upstream norm bwd {m.chunk_size}": without("own_norm_bwd"),
+        f"kept upstream launch {m.chunk_size}": without("tuned_launch"),
+        f"kept fp32 states {m.chunk_size}": without("lowp_states"),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),

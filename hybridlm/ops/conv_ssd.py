@@ -4,19 +4,28 @@ over mamba_ssm's and causal_conv1d's kernels, keeping the forward's intermediate
 mamba_ssm's ``mamba_split_conv1d_scan_combined`` runs the same kernels but saves only in_proj's output and the
 scan's output: its backward runs the conv again, and the chunked scan's cumulative decays, chunk states,
 state passing and C·Bᵀ products, before the backward kernels proper. This op keeps them (the conv's output, the
-fp32 states entering each chunk, C·Bᵀ per chunk, the cumulative decays: for the 500M config at 8x4096, 320 MB a
-layer at chunk 256 and 440 MB at chunk 128, beside in_proj's 290 MB output) and its backward starts at the
-backward kernels. The kernels and their arguments are the combined op's, so outputs and gradients match it up to
-summation order (``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the reference ops).
+states entering each chunk, C·Bᵀ per chunk, the cumulative decays: for the 500M config at 8x4096 and chunk 128,
+440 MB a layer with fp32 states, ~300 MB with bf16 ones, beside in_proj's 290 MB output) and its backward starts
+at the backward kernels. The kernels are the combined op's, so outputs and gradients match it up to summation
+order and the states' dtype (``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the
+reference ops).
 
-The gated norm's backward is hybridlm's own Triton kernel (``ops/gated_norm_bwd.py``: the same arithmetic as
-mamba_ssm's, 1.45x faster at the 500M config's shapes); ``own_norm_bwd=False`` runs mamba_ssm's instead.
+Three choices differ from the combined op, each measured on its own (``MixerKernels``; a field set False runs
+what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU tests compare with):
+- the gated norm's backward is hybridlm's own Triton kernel (``ops/gated_norm_bwd.py``: the same arithmetic as
+  mamba_ssm's, 1.45x faster at the 500M config's shapes);
+- the chunked scan's forward and its dx backward launch through wider autotuning lists (``ops/ssd_launch.py``);
+- the states entering each chunk are kept in the input's dtype (bf16 under autocast), the dtype the forward scan
+  reads them in; the combined op recomputes them in fp32 for its backward, where they enter only the decays'
+  gradient (the sum of each state times its gradient).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.amp import custom_bwd, custom_fwd
@@ -30,6 +39,13 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     if t.stride(1) % 8:
         t = t.contiguous()
     return t.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class MixerKernels:
+    own_norm_bwd: bool = True  # ops/gated_norm_bwd.py, else mamba_ssm's _layer_norm_bwd
+    tuned_launch: bool = True  # ops/ssd_launch.py's wider autotuning lists, else mamba_ssm's
+    lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -50,7 +66,7 @@ class ConvSSDScan(torch.autograd.Function):
         norm_eps: float,
         headdim: int,
         ngroups: int,
-        own_norm_bwd: bool,
+        kernels: MixerKernels,
     ):
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_fwd
@@ -58,6 +74,10 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_fwd
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
+
+        from hybridlm.ops import ssd_launch
+
+        chunk_scan_fwd = ssd_launch.chunk_scan_fwd() if kernels.tuned_launch else _chunk_scan_fwd
 
         batch, seqlen, _ = zxbcdt.shape
         nheads, d_inner = A.shape[0], norm_weight.shape[0]
@@ -69,13 +89,17 @@ class ConvSSDScan(torch.autograd.Function):
 
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
         chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
-        # fp32, as the backward's state passing wants them; the scan casts them to C's dtype as it loads them
+        # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
         states, _ = _state_passing_fwd(
-            chunk_states.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size
+            chunk_states.flatten(-2),
+            dA_cumsum[..., -1],
+            seq_idx=seq_idx,
+            chunk_size=chunk_size,
+            out_dtype=x.dtype if kernels.lowp_states else torch.float32,
         )
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        y, _ = _chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
+        y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
 
         out, _, rstd = _layer_norm_fwd(
             y.view(-1, d_inner),
@@ -91,7 +115,7 @@ class ConvSSDScan(torch.autograd.Function):
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         )  # fmt: skip
-        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups, own_norm_bwd)
+        ctx.config = (chunk_size, dt_limit, norm_eps, headdim, ngroups, kernels)
         return out.view(batch, seqlen, d_inner)
 
     @staticmethod
@@ -110,13 +134,15 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
+        from hybridlm.ops import ssd_launch
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
             xBC_conv, dt_act, dA_cumsum, states, CB, y, rstd,
         ) = ctx.saved_tensors  # fmt: skip
-        chunk_size, dt_limit, norm_eps, headdim, ngroups, own_norm_bwd = ctx.config
+        chunk_size, dt_limit, norm_eps, headdim, ngroups, kernels = ctx.config
+        bwd_dx = ssd_launch.chunk_scan_chunk_state_bwd_dx() if kernels.tuned_launch else _chunk_scan_chunk_state_bwd_dx
         nheads, d_inner = A.shape[0], norm_weight.shape[0]
         z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
@@ -129,7 +155,7 @@ class ConvSSDScan(torch.autograd.Function):
 
         # (rows, d_inner) views; the norm's backward writes dz into dzxbcdt through its view
         dout_rows, y_rows, z_rows, dz_rows = (t.view(-1, d_inner) for t in (dout.contiguous(), y, z, dz))
-        if own_norm_bwd:
+        if kernels.own_norm_bwd:
             dy, _, dnorm_weight = gated_rms_norm_bwd(
                 dout_rows, y_rows, z_rows, norm_weight, rstd, d_inner // ngroups, dz=dz_rows
             )
@@ -153,9 +179,7 @@ class ConvSSDScan(torch.autograd.Function):
             chunk_size=chunk_size,
         )
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
-        dx, ddt_act, dD = _chunk_scan_chunk_state_bwd_dx(
-            x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx
-        )
+        dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
         dB_states, ddA_from_B = _chunk_state_bwd_db(
             x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
         )
@@ -206,15 +230,14 @@ def conv_ssd_scan_fused(
     norm_eps,
     headdim,
     ngroups,
-    own_norm_bwd: bool = True,
+    kernels: MixerKernels = MixerKernels(),
 ) -> torch.Tensor:
-    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output.
-    ``own_norm_bwd=False`` runs mamba_ssm's gated-norm backward instead of hybridlm's
-    (``ops/gated_norm_bwd.py``; ``benchmarks/op_variants.py`` compares them)."""
+    """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output. ``kernels``
+    switches hybridlm's choices off one by one (``benchmarks/op_variants.py`` compares them)."""
     seq_idx = int32_seq_idx(seq_idx)
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
-        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, own_norm_bwd,
+        chunk_size, tuple(dt_limit), norm_eps, headdim, ngroups, kernels,
     )  # fmt: skip
 
 

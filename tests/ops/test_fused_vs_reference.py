@@ -28,7 +28,9 @@ orders of magnitude, so they are compared relative to their largest entry).
     ssd        conv_ssd_scan (conv + SSD + gated norm in one op)      as ssd
     same       conv_ssd_scan vs mamba_ssm's combined op (the same     fp32   1e-4   1e-4   1e-4
     kernels    kernels; only summation order and autotuning differ),  bf16   1e-2   1e-2   1e-2
-               and vs itself with mamba_ssm's gated-norm backward
+               and vs itself with one of its choices switched off
+               (mamba_ssm's gated-norm backward, upstream's
+               autotuning lists, fp32 chunk states)
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
                swiglu, rotary (torch.compile), cross_entropy          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
@@ -67,7 +69,7 @@ from hybridlm.ops.conv import (
     causal_conv1d_update_fused,
     causal_conv1d_update_ref,
 )
-from hybridlm.ops.conv_ssd import conv_ssd_scan_combined, conv_ssd_scan_fused
+from hybridlm.ops.conv_ssd import MixerKernels, conv_ssd_scan_combined, conv_ssd_scan_fused
 from hybridlm.ops.norm import (
     gated_rms_norm_fused,
     gated_rms_norm_ref,
@@ -411,8 +413,9 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
     chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``:
     against mamba_ssm's combined op (``"combined"``: the same kernels, recomputing in backward) or against
-    the same op with mamba_ssm's gated-norm backward (``"upstream norm bwd"``: hybridlm's Triton kernel
-    against theirs) instead of the reference ops."""
+    the same op with one of hybridlm's choices switched off (a ``MixerKernels`` field: ``"own_norm_bwd"``,
+    hybridlm's gated-norm backward against mamba_ssm's; ``"tuned_launch"``, the wider autotuning lists against
+    upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -444,8 +447,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
 
     if baseline == "combined":
         return Case("same kernels", run(conv_ssd_scan_fused), run(conv_ssd_scan_combined), inputs, grads=tuple(inputs))
-    if baseline == "upstream norm bwd":
-        upstream = functools.partial(conv_ssd_scan_fused, own_norm_bwd=False)
+    if baseline is not None:
+        upstream = functools.partial(conv_ssd_scan_fused, kernels=MixerKernels(**{baseline: False}))
         return Case("same kernels", run(conv_ssd_scan_fused), run(upstream), inputs, grads=tuple(inputs))
     return Case("ssd", run(conv_ssd_scan_fused), run(reference), inputs, grads=tuple(inputs))
 
@@ -507,7 +510,9 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx]": case_conv_ssd_scan,
     "conv_ssd_scan": lambda dt: case_conv_ssd_scan(dt, packed=False),
     "conv_ssd_scan[vs combined]": lambda dt: case_conv_ssd_scan(dt, baseline="combined"),
-    "conv_ssd_scan[seq_idx,vs upstream norm bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="upstream norm bwd"),
+    "conv_ssd_scan[seq_idx,vs upstream norm bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_norm_bwd"),
+    "conv_ssd_scan[seq_idx,vs upstream launch]": lambda dt: case_conv_ssd_scan(dt, baseline="tuned_launch"),
+    "conv_ssd_scan[seq_idx,vs fp32 states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_states"),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
