@@ -196,6 +196,15 @@ for phase in "${phases[@]}"; do
         --durations=5 -k "conv_ssd_scan or model_fused_matches_reference and 2-"
       run bench-train 200 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    track+launchtests)  # 200 tracked steps beside the mixer's GPU cases, whole Mamba-2 models and graphed steps
+      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+        --results "$OUT/track_reference.jsonl" --parallel &
+      run launch-tests 550 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan or model_fused_matches_reference and 2- or captured_step and 2"
+      wait
+      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
