@@ -20,6 +20,12 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, never aborts the session
   timeout -k 10 "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "   rc=$? $(date +%T)"
   tail -n 40 "$OUT/$name.log" | grep -v "^INFO" | tail -n 25
 }
+track200() {  # track200 SECONDS: the first 200 steps of the 500M config, fused vs reference ops, both at once
+  run track "$1" python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
+    train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
+    --results "$OUT/track_reference.jsonl" --parallel
+  cp /tmp/track/*.log "$OUT/" 2>/dev/null
+}
 phases=()
 for phase in "$@"; do  # train2: training against the mamba_ssm hybrid, then HF's models (anchors, then hf)
   if [ "$phase" = train2 ]; then phases+=(anchors hf); else phases+=("$phase"); fi
@@ -63,18 +69,12 @@ for phase in "${phases[@]}"; do
       run op-tests 150 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "swiglu or cross_entropy or (conv_ssd_scan and bf16)" ;;
     track)  # the first 200 steps of the 500M config, fused vs reference ops (both at once: one GPU holds both)
-      run track 450 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      track200 450 ;;
     track+tests)  # tracking and the GPU tests share the GPU: neither is timed
-      run track 450 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel &
+      track200 450 &
       run gpu-tests 420 python3 -m pytest -q -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "graphed or cached_decoding or model_fused_matches or swiglu or cross_entropy or conv_ssd_scan or dispatch"
-      wait
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      wait ;;
     levers+longest)  # every lever's ablation at 8x4096 (fused AdamW included), the anchor's longest sequence
       run bench-ablate 300 python3 -m hybridlm bench $CFG --shapes 8x4096 --systems hybridlm,mamba_ssm --ablate \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
@@ -90,12 +90,9 @@ for phase in "${phases[@]}"; do
       run prof-hybridlm 60 python3 benchmarks/profile_step.py $CFG --system hybridlm --out "$OUT/prof"
       run prof-mamba_ssm 150 python3 benchmarks/profile_step.py $CFG --system mamba_ssm --out "$OUT/prof" ;;
     track+graphtests)  # 200 tracked steps (fast path with CUDA graphs vs eager reference) beside the graph tests
-      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel &
+      track200 560 &
       run graph-tests 540 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider --durations=0
-      wait
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      wait ;;
     graphfinal)  # the HF anchors at 2x4096 and the 1x32768 shape, with and without the graphed step
       run graph-hf 170 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
@@ -121,14 +118,11 @@ for phase in "${phases[@]}"; do
       run compiled-tests 240 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" --durations=10 ;;
     track+compiledtests)  # 200 tracked steps beside the compiled ops' tests and the graphed-step tests (untimed)
-      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel &
+      track200 560 &
       run compiled-tests 240 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         -k "add_rms_norm or rotary or swiglu or model_fused_matches or cached_decoding" --durations=10
       run graph-tests 300 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider
-      wait
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      wait ;;
     profileops)  # the kernel profile of hybridlm's step, then its top torch ops with their input shapes
       run prof-ops 120 python3 benchmarks/profile_step.py $CFG --system hybridlm --top 40 --ops --out "$OUT/prof"
       rm -f "$OUT"/prof/*.json ;;
@@ -178,14 +172,11 @@ for phase in "${phases[@]}"; do
     sweep)  # hybridlm's own Triton kernels against the upstream ones, over their launch shapes
       run sweep-8x4096 400 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 ;;
     track+modeltests)  # 200 tracked steps beside the whole-model and CUDA-graphed-step tests of Mamba-2
-      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel &
+      track200 560 &
       run model-tests 540 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "model_fused_matches_reference and 2- or captured_step and 2"
-      wait
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      wait ;;
     ssdconfigs)  # mamba_ssm's SSD kernels over launch configs beyond their autotuners' lists; weight-grad dtypes
       run ssd-configs 420 python3 benchmarks/ssd_configs.py $CFG --shape 8x4096 --jobs 14
       run wgrad-dtype 90 python3 benchmarks/wgrad_dtype.py $CFG --shape 8x4096 ;;
@@ -197,14 +188,11 @@ for phase in "${phases[@]}"; do
       run bench-train 200 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     track+launchtests)  # 200 tracked steps beside the mixer's GPU cases, whole Mamba-2 models and graphed steps
-      run track 560 python3 benchmarks/track_reference.py $CFG train.micro_batch_size=1 train.seq_len=2048 \
-        train.grad_accum=1 train.warmup_steps=20 train.zero_stage=0 --steps 200 --out-dir /tmp/track \
-        --results "$OUT/track_reference.jsonl" --parallel &
+      track200 560 &
       run launch-tests 550 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan or model_fused_matches_reference and 2- or captured_step and 2"
-      wait
-      cp /tmp/track/*.log "$OUT/" 2>/dev/null ;;
+      wait ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
