@@ -110,7 +110,8 @@ def build_calls(model, batch: int, seqlen: int) -> dict[str, Callable]:
 
     dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
     chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, states_in_fp32=True)
-    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_cumsum[..., -1], chunk_size=chunk)
+    # stored in x's dtype, as conv_ssd stores them (its sweep at c43f2ba ran before, with fp32 states)
+    states, _ = _state_passing_fwd(chunk_states.flatten(-2), dA_cumsum[..., -1], chunk_size=chunk, out_dtype=x.dtype)
     states = states.unflatten(-1, chunk_states.shape[-2:])
     CB = _bmm_chunk_fwd(C, B, chunk, output_dtype=torch.float32)
     dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, dtype=states.dtype)
@@ -129,7 +130,7 @@ def build_calls(model, batch: int, seqlen: int) -> dict[str, Callable]:
         ),
         "_chunk_state_fwd_kernel": lambda: (_chunk_state_fwd(B, x, dt_act, dA_cumsum, states_in_fp32=True),),
         "_state_passing_fwd_kernel": lambda: _state_passing_fwd(
-            chunk_states.flatten(-2), dA_cumsum[..., -1], chunk_size=chunk
+            chunk_states.flatten(-2), dA_cumsum[..., -1], chunk_size=chunk, out_dtype=x.dtype
         )[:1],
         "_bmm_chunk_fwd_kernel": lambda: (_bmm_chunk_fwd(C, B, chunk, output_dtype=torch.float32),),
         "_chunk_scan_fwd_kernel": lambda: _chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D)[:1],
