@@ -2,9 +2,9 @@
 
 mamba_ssm's autotuners choose among configurations written for the A100. ``benchmarks/ssd_configs.py`` ran each
 SSD kernel of ``ops/conv_ssd.py`` over every block-size set of its list at num_warps 4 / 8 and num_stages 2 / 3 /
-4 on an H200 (500M config, 8x4096, chunk 128, head_dim 64, d_state 128; c43f2ba, the chunk states then fp32,
-since bf16: ``ops/conv_ssd.py``): two kernels gained, both from fewer
-pipeline stages (their loops are a few iterations long), every other upstream pick was within 3% of the best:
+4 on an H200 (500M config, 8x4096, chunk 128, head_dim 64, d_state 128; at c43f2ba, when the op still kept its
+chunk states in fp32): two kernels gained, both from fewer pipeline stages (their loops are a few iterations
+long), and every other upstream pick was within 3% of the best:
 
     _chunk_scan_fwd_kernel                 upstream pick 0.357 ms   M=64,N=64,K=32 4 warps 2 stages 0.324 ms
     _chunk_scan_chunk_state_bwd_dx_kernel  upstream pick 0.461 ms   M=32,N=64,K=32 4 warps 2 stages 0.407 ms
