@@ -193,6 +193,15 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan or model_fused_matches_reference and 2- or captured_step and 2"
       wait ;;
+    castonce)  # the graphed step casting the linear weights once: bench with it off, graphed-step profiles, GPU tests
+      run bench-cast 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate cast_once --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run prof-graph 80 python3 benchmarks/profile_step.py $CFG --graph --top 30 --out "$OUT/prof"
+      run prof-graph-nocast 80 python3 benchmarks/profile_step.py $CFG --graph --no-cast-once --top 30 \
+        --out "$OUT/prof-nocast"
+      rm -f "$OUT"/prof*/*.json
+      run graph-tests 240 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider \
+        --durations=5 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

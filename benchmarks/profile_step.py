@@ -6,6 +6,11 @@ Prints device time per kernel category (GEMM, SSD scan, conv, norms, attention, 
 copies/casts) and the top kernels, both as milliseconds per step; writes the full kernel table and a Chrome trace
 under ``--out``. Builds the system exactly as ``hybridlm bench`` does (same dtype policy and optimizer).
 
+``--graph`` profiles the step the bench times for hybridlm: forward and backward replayed from CUDA graphs
+(``--no-cast-once``: with autocast casting each weight itself); without it the step runs eagerly, each kernel
+launched from Python. The gap between wall and kernel time is then the host's (eager) or the GPU's own, between
+one kernel and the next (graphed).
+
 ``--decode`` profiles one generated token instead (hybridlm systems, bf16 weights, after a prompt of the shape's
 length): when the wall time per step is far above the kernels' time, the step is bound by launches from Python.
 
@@ -29,9 +34,10 @@ from pathlib import Path
 import torch
 
 from hybridlm import ops
-from hybridlm.bench import SYSTEMS, _autocast, _decode_model, parse_shapes
+from hybridlm.bench import SYSTEMS, _autocast, _decode_model, parse_shapes, uses_training_graph
 from hybridlm.config import load_run_config
 from hybridlm.model import HybridLM, InferenceCache
+from hybridlm.train.graphed_step import GraphedTraining
 
 # First matching pattern wins; matched against the lower-cased kernel name.
 CATEGORIES = [
@@ -103,8 +109,14 @@ def category(kernel: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, name)), "other")
 
 
-def train_step(system, run, batch: int, seq_len: int, device: torch.device):
+def train_step(
+    system, run, batch: int, seq_len: int, device: torch.device, graph: bool = False, cast_once: bool = True
+):
     model = system.build(run.model).to(device)
+    if uses_training_graph(model, device, graph):
+        GraphedTraining(model, cast_once=cast_once)
+    elif graph:
+        raise SystemExit(f"--graph: {system.name} on {device} has no graphed training step")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     input_ids = torch.randint(0, run.model.vocab_size, (batch, seq_len), device=device)
 
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default="prof")
     p.add_argument("--decode", action="store_true", help="profile one decode step after a prompt of the shape")
+    p.add_argument("--graph", action="store_true", help="replay forward and backward from CUDA graphs, as the bench")
+    p.add_argument("--no-cast-once", action="store_true", help="with --graph: autocast casts each weight as it is used")
     p.add_argument("--host", action="store_true", help="profile the host's Python instead of the kernels")
     p.add_argument("--ops", action="store_true", help="also the top torch ops by kernel time, with their input shapes")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script: there are no kernels")
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     step = (
         decode_step(system, run, batch, seq_len, args, device)
         if args.decode
-        else train_step(system, run, batch, seq_len, device)
+        else train_step(system, run, batch, seq_len, device, args.graph, not args.no_cast_once)
     )
 
     def synchronize() -> None:
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, ms in top:
             f.write(f"{ms:.3f}\t{counts[name] / args.steps:g}\t{category(name)}\t{name}\n")
     launches = sum(counts.values()) / args.steps
-    mode = "decode step" if args.decode else "training step"
+    mode = "decode step" if args.decode else "graphed training step" if args.graph else "training step"
     print(f"\n{args.system} {args.shape} {mode}: wall {wall_ms:.1f} ms, kernels {total:.1f} ms, {launches:g} launches")
     for name, ms in top[: args.top]:
         print(f"  {ms:8.2f} ms {counts[name] / args.steps:5g}x  {category(name):13s} {name[:110]}")

@@ -47,7 +47,13 @@ REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over
 LONGEST_LIMIT = 1 << 18
 # Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
 LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy")
-ABLATIONS = (*LEVERS, "fused_adamw", "cuda_graph")  # what --ablate can turn off, one at a time
+# The step's own levers: ``measure_training``'s arguments that turn each off
+HARNESS_LEVERS_OFF = {
+    "fused_adamw": {"fused_optimizer": False},
+    "cuda_graph": {"cuda_graph": False},
+    "cast_once": {"cast_once": False},
+}
+ABLATIONS = (*LEVERS, *HARNESS_LEVERS_OFF)  # what --ablate can turn off, one at a time
 LOSS_CHUNK_TOKENS = 8192  # the chunked cross-entropy of the memory-saving mode
 
 
@@ -269,11 +275,13 @@ def measure_training(
     memory_saving: bool = False,
     fused_optimizer: bool = True,
     cuda_graph: bool = True,
+    cast_once: bool = True,
 ) -> dict:
     """One training measurement of ``system`` at ``batch`` x ``seq_len``; out of memory gives status "OOM".
     ``memory_saving``: with activation checkpointing (and chunked loss) where the system has them.
     ``cuda_graph``: hybridlm models replay forward and backward from CUDA graphs where the trainer would
-    (``train.cuda_graph: auto``); never in memory-saving mode, where steps are long and GPU-bound."""
+    (``train.cuda_graph: auto``); never in memory-saving mode, where steps are long and GPU-bound. ``cast_once``:
+    the graphed step casts the linear weights for autocast all at once (``graphed_step.cast_once_names``)."""
     row: dict[str, Any] = {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len}
     row["flops_per_token"] = system_flops_per_token(system, cfg, seq_len)
     row["note"] = system_note(system, cfg)
@@ -290,7 +298,7 @@ def measure_training(
         row["memory_saving"] = save_memory(model) if memory_saving else False
         row["cuda_graph"] = uses_training_graph(model, device, cuda_graph and not memory_saving)
         if row["cuda_graph"]:
-            GraphedTraining(model)
+            GraphedTraining(model, cast_once=cast_once)
         input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
         seconds = time_training_steps(model, system.loss, input_ids, warmup, steps, device, fused_optimizer)
     except torch.OutOfMemoryError:
@@ -339,18 +347,17 @@ def ablation_rows(
     """hybridlm with each of ``levers`` off in turn (system "hybridlm -LEVER"), yielded as measured: the
     ratio column then reads as what that one lever gains. A fused op off runs its reference composition;
     ``fused_adamw`` off is the multi-tensor AdamW; ``cuda_graph`` off (where the step has graphs) launches
-    every kernel of the step from Python."""
+    every kernel of the step from Python; ``cast_once`` off leaves the graphed step's weight casts to autocast."""
     system = SYSTEMS[REFERENCE_SYSTEM]
     for lever in levers:
-        if lever == "cuda_graph" and training_graph_unsupported(cfg, device, 0) is not None:
+        if lever in ("cuda_graph", "cast_once") and training_graph_unsupported(cfg, device, 0) is not None:
             continue
         for batch, seq_len in shapes:
             if lever in LEVERS:
                 with ops.reference_ops(lever):
                     row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
             else:
-                off = {"fused_adamw": {"fused_optimizer": False}, "cuda_graph": {"cuda_graph": False}}[lever]
-                row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, **off)
+                row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, **HARNESS_LEVERS_OFF[lever])
             yield {**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever}
 
 

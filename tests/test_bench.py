@@ -221,8 +221,10 @@ def test_decode_needs_two_new_tokens_to_time_a_step(tmp_path):
 def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
     seen = []
 
-    def fake_measure(system, cfg, batch, seq_len, warmup, steps, device, fused_optimizer=True, cuda_graph=True):
-        seen.append((set(ops_dispatch._reference_ops), fused_optimizer, cuda_graph))
+    def fake_measure(
+        system, cfg, batch, seq_len, warmup, steps, device, fused_optimizer=True, cuda_graph=True, cast_once=True
+    ):
+        seen.append((set(ops_dispatch._reference_ops), fused_optimizer, cuda_graph, cast_once))
         return {"system": system.name, "mode": "train", "batch": batch, "seq_len": seq_len, "status": "ok"}
 
     from hybridlm.ops import dispatch as ops_dispatch
@@ -230,8 +232,9 @@ def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
     monkeypatch.setattr(bench, "measure_training", fake_measure)
     monkeypatch.setattr(bench, "training_graph_unsupported", lambda cfg, device, stage: None)  # as on a GPU
     rows = list(bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu")))
-    assert seen == [({lever}, True, True) for lever in bench.LEVERS] + [(set(), False, True), (set(), True, False)]
-    levers = [*bench.LEVERS, "fused_adamw", "cuda_graph"]
+    harness = [(set(), False, True, True), (set(), True, False, True), (set(), True, True, False)]
+    assert seen == [({lever}, True, True, True) for lever in bench.LEVERS] + harness
+    levers = [*bench.LEVERS, "fused_adamw", "cuda_graph", "cast_once"]
     assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in levers]
     assert [r["without"] for r in rows] == levers
     assert not ops_dispatch._reference_ops  # restored afterwards
@@ -245,7 +248,8 @@ def test_ablate_names_levers_and_skips_the_graph_where_there_is_none(monkeypatch
         bench.parse_ablate("graphs")
     monkeypatch.setattr(bench, "measure_training", lambda *a, **k: {"status": "ok"})
     cfg = ModelConfig.from_dict(BENCH_MODEL)
-    rows = list(bench.ablation_rows(cfg, [(2, SEQ)], 0, 1, torch.device("cpu"), ("cuda_graph", "swiglu")))
+    levers = ("cuda_graph", "swiglu", "cast_once")
+    rows = list(bench.ablation_rows(cfg, [(2, SEQ)], 0, 1, torch.device("cpu"), levers))
     assert [r["without"] for r in rows] == ["swiglu"]  # on CPU the step has no graph to turn off
 
 

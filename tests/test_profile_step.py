@@ -86,3 +86,10 @@ def test_record_function_ranges_on_the_device_are_not_counted_as_kernels(profile
     ]
     kept = profile_step.kernel_events(events)
     assert [e.name for e in kept] == ["nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"]
+
+
+def test_graph_is_refused_where_the_step_has_no_graphs(profile_step, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": BENCH_MODEL}))
+    with pytest.raises(SystemExit, match="--graph: hybridlm on cpu has no graphed training step"):
+        profile_step.main([str(config), "--device", "cpu", "--shape", "2x32", "--graph", "--out", str(tmp_path)])

@@ -17,6 +17,14 @@ A graph replays fixed addresses: parameters must keep their storage (ZeRO-3 re-g
 is refused), the batch is copied into static input buffers, and the activations of one micro-batch
 live in the graph's memory until its backward has run: a second training forward before the first's
 backward is an error, not a silent overwrite.
+
+Under autocast the step casts the linear layers' weights itself (``cast_once``). Autocast casts each fp32
+weight to bf16 as a layer uses it and each weight's gradient back to fp32 in the backward, a kernel per weight
+each way (~128 of each for the 500M config, of ~2,360 launches a step), and the handoff then copies every fp32
+gradient out of its static buffer. Instead the captured forward casts them all with one multi-tensor copy
+before the model runs (the layers find bf16 weights, which autocast leaves alone), the captured backward ends
+at those bf16 copies, and the handoff casts their gradients to fp32 with one multi-tensor copy into new
+tensors, which ``.grad`` takes without another copy. The same roundings as autocast's, so the same numbers.
 """
 
 from __future__ import annotations
@@ -53,6 +61,28 @@ def training_graph_unsupported(cfg: ModelConfig, device: torch.device, zero_stag
     return None
 
 
+def cast_once_names(model: torch.nn.Module, trainable: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[str]:
+    """The names in ``trainable`` that ``CapturedLoss`` casts to the autocast ``dtype`` once per step: fp32
+    weights of ``nn.Linear`` layers, used by that layer alone. Tied weights (the embedding reads its table in
+    fp32), parameters a block hands to kernels itself (``params_read_directly``) and biases (Mamba-1's dt bias
+    is read in fp32) keep autocast's casting, or none."""
+    if dtype is None:
+        return []
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    read_directly = {
+        id(p) for m in model.modules() if hasattr(m, "params_read_directly") for p in m.params_read_directly()
+    }
+    linear_weights = {id(m.weight) for m in model.modules() if type(m) is torch.nn.Linear}
+    chosen = []
+    for name, p in trainable.items():
+        key = id(model.get_parameter(name))
+        if key in linear_weights and key not in read_directly and len(names_of[key]) == 1 and p.dtype == torch.float32:
+            chosen.append(name)
+    return chosen
+
+
 def resolve_cuda_graph(t: TrainConfig, cfg: ModelConfig, device: torch.device) -> bool:
     """``train.cuda_graph``: ``auto`` captures wherever it can; ``true`` where it cannot is an error."""
     reason = training_graph_unsupported(cfg, device, t.zero_stage)
@@ -64,9 +94,12 @@ def resolve_cuda_graph(t: TrainConfig, cfg: ModelConfig, device: torch.device) -
 class CapturedLoss:
     """The training loss of ``model`` for one batch shape, with its forward and backward captured as
     CUDA graphs over static input, loss and gradient buffers. ``capture=False`` runs the same
-    procedure eagerly on every call (what a CPU test can check)."""
+    procedure eagerly on every call (what a CPU test can check). ``cast_once``: cast the linear layers' weights
+    for autocast together (``cast_once_names``), else one by one as autocast does."""
 
-    def __init__(self, model: HybridLM, batch: dict[str, torch.Tensor | None], capture: bool = True):
+    def __init__(
+        self, model: HybridLM, batch: dict[str, torch.Tensor | None], capture: bool = True, cast_once: bool = True
+    ):
         self.model = model
         trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in trained]
@@ -76,8 +109,13 @@ class CapturedLoss:
         self.leaves = {name: p.detach().requires_grad_() for name, p in trained}
         self.inputs = {k: None if v is None else v.clone() for k, v in batch.items()}
         # The autocast of the first call is baked into the graph; later calls must run under the same one.
-        self.autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        self.device_type = batch["input_ids"].device.type
+        self.autocast_dtype = _autocast_dtype(self.device_type)
+        self.cast_names = cast_once_names(model, self.leaves, self.autocast_dtype) if cast_once else []
+        cast_once_set = set(self.cast_names)
+        self.cast_index = [i for i, name in enumerate(self.leaves) if name in cast_once_set]
         self.grad_loss = torch.ones((), device=batch["input_ids"].device)
+        self.differentiated: list[torch.Tensor] = []  # what the backward differentiates with respect to
         self.loss: torch.Tensor | None = None
         self.grads: tuple[torch.Tensor | None, ...] = ()
         self.awaiting_backward = False
@@ -87,8 +125,7 @@ class CapturedLoss:
 
     def matches(self, batch: dict[str, torch.Tensor | None]) -> bool:
         """Whether ``batch`` fits the static buffers and runs under the captured autocast."""
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        if autocast != self.autocast_dtype or batch.keys() != self.inputs.keys():
+        if _autocast_dtype(self.device_type) != self.autocast_dtype or batch.keys() != self.inputs.keys():
             return False
         for key, static in self.inputs.items():
             value = batch[key]
@@ -103,13 +140,20 @@ class CapturedLoss:
         # replay casts the current weights.
         enabled = self.autocast_dtype is not None
         autocast = torch.autocast(
-            "cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled, cache_enabled=False
+            self.device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled, cache_enabled=False
         )
+        params = dict(self.leaves)
+        if self.cast_names:
+            # autograd leaves of their own: the backward stops at them, and ``backward`` casts their gradients
+            cast = [torch.empty_like(self.leaves[name], dtype=self.autocast_dtype) for name in self.cast_names]
+            torch._foreach_copy_(cast, [self.leaves[name].detach() for name in self.cast_names])
+            params.update((name, c.requires_grad_()) for name, c in zip(self.cast_names, cast, strict=True))
+        self.differentiated = list(params.values())
         with autocast, _as_written(self.model):
-            return torch.func.functional_call(self.model, self.leaves, kwargs=self.inputs).loss
+            return torch.func.functional_call(self.model, params, kwargs=self.inputs).loss
 
     def _grads(self) -> tuple[torch.Tensor | None, ...]:
-        return torch.autograd.grad(self.loss, list(self.leaves.values()), self.grad_loss, allow_unused=True)
+        return torch.autograd.grad(self.loss, self.differentiated, self.grad_loss, allow_unused=True)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -153,7 +197,8 @@ class CapturedLoss:
 
     def backward(self, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Run (replay) the backward for the last forward with ``grad_loss`` as d(output)/d(loss); returns
-        the gradient of every trainable parameter (None where unused), in static buffers."""
+        the gradient of every trainable parameter (None where unused): in static buffers, or for the weights
+        cast once, new fp32 tensors."""
         if not self.awaiting_backward:
             raise RuntimeError("backward of the CUDA-graphed step without a forward")
         self.grad_loss.copy_(grad_loss)
@@ -169,7 +214,14 @@ class CapturedLoss:
         self.awaiting_backward = False
         # The static buffers themselves, not views: autograd then sees another reference and copies them
         # into .grad (or adds them), where a lone view could become .grad and be overwritten by the next replay.
-        return self.grads
+        grads = list(self.grads)
+        cast = [i for i in self.cast_index if grads[i] is not None]
+        if cast:  # bf16 gradients of the weights cast once: cast back into new tensors, which .grad can keep
+            fp32 = [torch.empty_like(grads[i], dtype=self.params[i].dtype) for i in cast]
+            torch._foreach_copy_(fp32, [grads[i] for i in cast])
+            for i, g in zip(cast, fp32, strict=True):
+                grads[i] = g
+        return tuple(grads)
 
 
 class _Replay(torch.autograd.Function):
@@ -189,10 +241,11 @@ class GraphedTraining:
     """Replaces ``model.forward``: training calls of the first shape seen replay CUDA graphs (captured on
     that call), the rest run eagerly. ``remove`` restores the model's own forward and frees the graphs."""
 
-    def __init__(self, model: HybridLM, capture: bool = True):
+    def __init__(self, model: HybridLM, capture: bool = True, cast_once: bool = True):
         self.model = model
         self.eager_forward = model.forward
         self.capture = capture
+        self.cast_once = cast_once
         self.captured: CapturedLoss | None = None
         model.forward = self.forward
 
@@ -213,7 +266,7 @@ class GraphedTraining:
         if self.captured is None:
             what = "captured" if self.capture else "run eagerly (capture=False)"
             log.info("training step of batch %s: forward and backward %s as CUDA graphs", tuple(input_ids.shape), what)
-            self.captured = CapturedLoss(self.model, batch, self.capture)
+            self.captured = CapturedLoss(self.model, batch, self.capture, self.cast_once)
         params = self.captured.params
         return LMOutput(None, _Replay.apply(self.captured, batch, *params))
 
@@ -221,6 +274,10 @@ class GraphedTraining:
         with contextlib.suppress(AttributeError):
             del self.model.forward  # the instance attribute: the class's forward shows again
         self.captured = None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 
 from hybridlm.config import ConfigError, ModelConfig, TrainConfig, load_run_config
 from hybridlm.model import HybridLM
-from hybridlm.train.graphed_step import GraphedTraining, installed_graph, resolve_cuda_graph
+from hybridlm.train.graphed_step import GraphedTraining, cast_once_names, installed_graph, resolve_cuda_graph
 from hybridlm.train.metrics import read_metrics
 from hybridlm.train.trainer import run_train
 
@@ -56,6 +56,39 @@ def test_accumulated_gradients_equal_the_models_own(tiny_config, overrides):
         (model(**mb).loss / 2).backward()
         (twin(**mb).loss / 2).backward()
     assert_same_grads(grads(model), grads(twin))
+
+
+@pytest.mark.parametrize("overrides", MODELS.values(), ids=MODELS.keys())
+def test_weights_cast_once_give_autocasts_numbers(tiny_config, overrides):
+    """Under autocast the step casts the linear weights itself, all at once: the loss and every gradient
+    must be autocast's own, bit for bit (the same roundings each way), over two accumulated micro-batches."""
+    model, twin = twin_models(tiny_config(**overrides))
+    graphed = GraphedTraining(model, capture=False)
+    for mb in (lm_batch(), lm_batch()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, expected = model(**mb).loss, twin(**mb).loss
+        assert torch.equal(loss, expected)
+        loss.backward()
+        expected.backward()
+    assert graphed.captured.cast_names  # the batched casts ran
+    got, want = grads(model), grads(twin)
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        assert torch.equal(got[name], g), name
+
+
+def test_which_weights_are_cast_once(tiny_config):
+    # Mamba-1's dt_proj weight is handed to kernels by its block and the tied lm_head is the embedding's table
+    # (read in fp32): both keep autocast's own casts; biases and norms are never cast once.
+    model = HybridLM(tiny_config(pattern="M*-", mamba={"version": 1}, tie_embeddings=True))
+    trainable = dict(model.named_parameters())
+    chosen = cast_once_names(model, trainable, torch.bfloat16)
+    linear = ("in_proj", "x_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+    expected = [n for n in trainable if n.endswith(tuple(f"{m}.weight" for m in (*linear, "down_proj")))]
+    assert chosen == expected and expected
+    assert cast_once_names(model, trainable, None) == []  # no autocast: nothing to cast
+    del trainable[expected[0]]  # frozen: not among the trainable ones
+    assert cast_once_names(model, trainable, torch.bfloat16) == expected[1:]
 
 
 def test_packed_rows_checkpointing_and_chunked_loss_replay_too(tiny_config):
