@@ -202,6 +202,17 @@ for phase in "${phases[@]}"; do
       rm -f "$OUT"/prof*/*.json
       run graph-tests 240 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider \
         --durations=5 ;;
+    handoff)  # the mixer's decay gradient compiled, the graphed step's gradient handoff: op times, bench, profile
+      run decay-variants-8x4096 150 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept eager decay grad" --each-error
+      run bench-handoff 200 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run prof-graph 80 python3 benchmarks/profile_step.py $CFG --graph --top 30 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json ;;
+    handofftests)  # their GPU tests: the mixer's cases, whole Mamba-2 models, the graphed step (and in the trainer)
+      run handoff-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=8 \
+        -k "conv_ssd_scan or model_fused_matches_reference and 2- or graph or captured" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

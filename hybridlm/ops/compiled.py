@@ -23,7 +23,7 @@ def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 
 @cache
-def _compiled(fn):
+def compiled(fn):
     # Dynamo compiles a function once per grad mode, dtype mix, None-or-tensor argument and (once) for
     # dynamic shapes, and runs it eagerly past 8 such variants: a process that trains, evaluates and
     # generates, or the test suite's many models, needs more (the limit is global; this only raises it).
@@ -32,7 +32,7 @@ def _compiled(fn):
 
 
 def swiglu_fused(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _compiled(swiglu_ref)(gate, up)
+    return compiled(swiglu_ref)(gate, up)
 
 
 def add_rms_norm_ref(
@@ -46,7 +46,7 @@ def add_rms_norm_ref(
 def add_rms_norm_fused(x, residual, weight, eps) -> tuple[torch.Tensor, torch.Tensor]:
     # Inductor's kernels beat mamba_ssm's Triton add + RMSNorm 1.7x at d_model 1024 (its backward is the
     # slow part): benchmarks/op_variants.py
-    return _compiled(add_rms_norm_ref)(x, residual, weight, eps)
+    return compiled(add_rms_norm_ref)(x, residual, weight, eps)
 
 
 def rotary_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -65,11 +65,11 @@ def rotary_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
 
 def rotary_fused(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     # eager, the rotation is ~10 kernels each way over strided halves of q and k
-    return _compiled(rotary_ref)(x, positions, inv_freq)
+    return compiled(rotary_ref)(x, positions, inv_freq)
 
 
 def cross_entropy_fused(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     # the fp32 upcast is fused into the log-softmax: no fp32 copy of the logits is stored. The fused path of
     # ops.cross_entropy until hybridlm's own kernels (ops/triton_cross_entropy.py) measured faster; kept as their
     # comparison in benchmarks/op_variants.py
-    return _compiled(cross_entropy_ref)(logits, targets, ignore_index)
+    return compiled(cross_entropy_ref)(logits, targets, ignore_index)

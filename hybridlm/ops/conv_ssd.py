@@ -17,7 +17,9 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
 - the chunked scan's forward and its dx backward launch through wider autotuning lists (``ops/ssd_launch.py``);
 - the states entering each chunk are kept in the input's dtype (bf16 under autocast), the dtype the forward scan
   reads them in; the combined op recomputes them in fp32 for its backward, where they enter only the decays'
-  gradient (the sum of each state times its gradient).
+  gradient (the sum of each state times its gradient);
+- the decays' gradient is summed from its parts by one compiled kernel (``decay_grad``), where the combined op
+  launches six (two flips, a cumulative sum, three additions).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.amp import custom_bwd, custom_fwd
 
+from hybridlm.ops.compiled import compiled
 from hybridlm.ops.layout import int32_seq_idx
 
 
@@ -46,6 +49,7 @@ class MixerKernels:
     own_norm_bwd: bool = True  # ops/gated_norm_bwd.py, else mamba_ssm's _layer_norm_bwd
     tuned_launch: bool = True  # ops/ssd_launch.py's wider autotuning lists, else mamba_ssm's
     lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
+    compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -187,13 +191,12 @@ class ConvSSDScan(torch.autograd.Function):
         dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
-        # dA_cumsum's gradient from the states leaving each chunk reaches every step of the chunk: a reverse
-        # cumulative sum. The in-chunk part has a kernel of its own: summing per-step terms instead (an identity,
-        # tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x further
-        # from the reference, and slower (README, Performance).
-        ddA_from_C[..., -1] += ddA_chunk_last
-        ddA = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
-        ddA += ddA_from_B + ddA_from_C.flip(-1).cumsum(-1).flip(-1)
+        # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
+        # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
+        # further from the reference, and slower (README, Performance).
+        ddA_in_chunk = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
+        sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
+        ddA = sum_parts(ddA_in_chunk, ddA_from_B, ddA_from_C, ddA_chunk_last)
         _, dA, ddt_bias = _chunk_cumsum_bwd(
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
@@ -207,6 +210,17 @@ class ConvSSDScan(torch.autograd.Function):
         if dxBC_target is not dxBC_in:
             dxBC_in.copy_(dxBC_target)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
+
+
+def decay_grad(
+    in_chunk: torch.Tensor, from_B: torch.Tensor, from_C: torch.Tensor, from_chunk_end: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of the cumulative log decays ``dA_cumsum`` (batch, nheads, nchunks, chunk) from its parts:
+    the in-chunk scan's and the chunk states' (through B) at each step, and the reverse cumulative sum over the
+    chunk of the terms through C and, at the chunk's last step, through the state leaving the chunk
+    (``from_chunk_end``, (batch, nheads, nchunks)): a step's decay reaches every later step of its chunk."""
+    from_C = torch.cat([from_C[..., :-1], (from_C[..., -1] + from_chunk_end)[..., None]], dim=-1)
+    return in_chunk + from_B + from_C.flip(-1).cumsum(-1).flip(-1)
 
 
 def _split_xbc(xBC: torch.Tensor, nheads: int, headdim: int, ngroups: int):

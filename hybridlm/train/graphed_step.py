@@ -23,8 +23,9 @@ weight to bf16 as a layer uses it and each weight's gradient back to fp32 in the
 each way (~128 of each for the 500M config, of ~2,360 launches a step), and the handoff then copies every fp32
 gradient out of its static buffer. Instead the captured forward casts them all with one multi-tensor copy
 before the model runs (the layers find bf16 weights, which autocast leaves alone), the captured backward ends
-at those bf16 copies, and the handoff casts their gradients to fp32 with one multi-tensor copy into new
-tensors, which ``.grad`` takes without another copy. The same roundings as autocast's, so the same numbers.
+at those bf16 copies, and the handoff copies every gradient out with one multi-tensor copy per dtype (casting
+those back to fp32) into new tensors, which ``.grad`` takes without another copy. The same roundings as
+autocast's, so the same numbers.
 """
 
 from __future__ import annotations
@@ -112,8 +113,6 @@ class CapturedLoss:
         self.device_type = batch["input_ids"].device.type
         self.autocast_dtype = _autocast_dtype(self.device_type)
         self.cast_names = cast_once_names(model, self.leaves, self.autocast_dtype) if cast_once else []
-        cast_once_set = set(self.cast_names)
-        self.cast_index = [i for i, name in enumerate(self.leaves) if name in cast_once_set]
         self.grad_loss = torch.ones((), device=batch["input_ids"].device)
         self.differentiated: list[torch.Tensor] = []  # what the backward differentiates with respect to
         self.loss: torch.Tensor | None = None
@@ -197,8 +196,7 @@ class CapturedLoss:
 
     def backward(self, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Run (replay) the backward for the last forward with ``grad_loss`` as d(output)/d(loss); returns
-        the gradient of every trainable parameter (None where unused): in static buffers, or for the weights
-        cast once, new fp32 tensors."""
+        the gradient of every trainable parameter (None where unused) in the parameter's dtype, as new tensors."""
         if not self.awaiting_backward:
             raise RuntimeError("backward of the CUDA-graphed step without a forward")
         self.grad_loss.copy_(grad_loss)
@@ -212,14 +210,18 @@ class CapturedLoss:
         else:
             self.graphs[1].replay()
         self.awaiting_backward = False
-        # The static buffers themselves, not views: autograd then sees another reference and copies them
-        # into .grad (or adds them), where a lone view could become .grad and be overwritten by the next replay.
-        grads = list(self.grads)
-        cast = [i for i in self.cast_index if grads[i] is not None]
-        if cast:  # bf16 gradients of the weights cast once: cast back into new tensors, which .grad can keep
-            fp32 = [torch.empty_like(grads[i], dtype=self.params[i].dtype) for i in cast]
-            torch._foreach_copy_(fp32, [grads[i] for i in cast])
-            for i, g in zip(cast, fp32, strict=True):
+        # Copied out of the static buffers, which the next replay overwrites, into new tensors that .grad can
+        # keep (or autograd adds into .grad): one multi-tensor copy per dtype, casting the bf16 gradients of the
+        # weights cast once, where autograd would clone each buffer on its own.
+        grads: list[torch.Tensor | None] = [None] * len(self.grads)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(self.grads):
+            if g is not None:
+                by_dtype.setdefault(g.dtype, []).append(i)
+        for index in by_dtype.values():
+            copies = [torch.empty_like(self.grads[i], dtype=self.params[i].dtype) for i in index]
+            torch._foreach_copy_(copies, [self.grads[i] for i in index])
+            for i, g in zip(index, copies, strict=True):
                 grads[i] = g
         return tuple(grads)
 
