@@ -209,10 +209,12 @@ for phase in "${phases[@]}"; do
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       run prof-graph 80 python3 benchmarks/profile_step.py $CFG --graph --top 30 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;
-    handofftests)  # their GPU tests: the mixer's cases, whole Mamba-2 models, the graphed step (and in the trainer)
-      run handoff-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+    track+handofftests)  # 200 tracked steps beside their GPU tests: the mixer's cases, whole Mamba-2 models, graphed steps
+      track200 560 &
+      run handoff-tests 550 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=8 \
-        -k "conv_ssd_scan or model_fused_matches_reference and 2- or graph or captured" ;;
+        -k "conv_ssd_scan or model_fused_matches_reference and 2- or graph or captured"
+      wait ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
