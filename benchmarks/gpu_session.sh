@@ -215,6 +215,11 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=8 \
         -k "conv_ssd_scan or model_fused_matches_reference and 2- or graph or captured"
       wait ;;
+    graphtests+anchors)  # the graphed step's GPU tests (cold: minutes), then training against the mamba_ssm hybrid
+      run graph-tests 330 python3 -m pytest -v -s -m gpu tests/train/test_graphed_step.py -p no:cacheprovider \
+        --durations=8
+      run bench-train 230 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
