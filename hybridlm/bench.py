@@ -495,7 +495,7 @@ def format_table(rows: list[dict]) -> str:
                 _fmt_tokens(r),
                 "-" if r["mfu"] is None else f"{r['mfu']:.3f}",
                 "-" if mem is None else f"{mem / 2**30:.2f}",
-                "-" if ratio is None else f"{ratio:.2f}",
+                "-" if ratio is None else f"{ratio:.3f}",  # two digits would show 1.297 as the 1.30 of a target
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]

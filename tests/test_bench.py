@@ -108,6 +108,8 @@ def test_table_has_a_header_one_line_per_row_and_ratio_from_the_rows():
         _row("hybridlm", 2, 128, 1000.0),
         _row("mamba_ssm", 2, 128, 4000.0),
         _row("hf-bamba", 8, 64, None, status="OOM"),
+        _row("hybridlm", 1, 256, 1296.6),
+        _row("mamba_ssm", 1, 256, 1000.0),
     ]
     lines = bench.format_table(rows).splitlines()
     assert lines[0].split() == ["system", "mode", "batch", "x", "seq", "tokens/s", "MFU", "peak", "mem", "GiB"] + [
@@ -115,7 +117,7 @@ def test_table_has_a_header_one_line_per_row_and_ratio_from_the_rows():
     ]
     cells = [line.split() for line in lines[1:]]
     assert [(c[0], c[2]) for c in cells] == [(r["system"], f"{r['batch']}x{r['seq_len']}") for r in rows]
-    assert [c[-1] for c in cells] == ["1.00", "2.00", "1.00", "0.25", "-"]
+    assert [c[-1] for c in cells] == ["1.000", "2.000", "1.000", "0.250", "-", "1.000", "1.297"]
     assert cells[4][3] == "OOM"
 
 
