@@ -4,10 +4,10 @@ causal_conv1d's channel-last backward took 0.31 ms a layer at the 500M config's 
 channels, width 4: 6.4 ms of a step, ``benchmarks/profile_step.py``), where reading x and the output's gradient
 and writing x's gradient moves 453 MB, ~0.10 ms at the H200's bandwidth. This kernel reads and writes the same
 tensors: each program walks tiles of rows of one sequence and recomputes the conv's pre-activation at the
-``width`` output positions every input row feeds (the extra reads of x hit the cache), so x's gradient is
-finished in one pass; the weight's and bias's gradients are summed per program in fp32 and the partial sums
-added after the kernel (deterministic, no atomics). With ``seq_idx`` no tap reaches across a document boundary,
-as in the forward (``hybridlm.ops.conv.causal_conv1d_ref``); there are no initial states.
+``width`` output positions every input row feeds, from seven shifted tiles of x (all but one hit the cache), so
+x's gradient is finished in one pass; the weight's and bias's gradients are summed per program in fp32 and the
+partial sums added after the kernel (deterministic, no atomics). With ``seq_idx`` no tap reaches across a
+document boundary, as in the forward (``hybridlm.ops.conv.causal_conv1d_ref``); there are no initial states.
 
 CUDA only; imported by the fused paths that use it (``hybridlm.ops.conv_ssd``), never by the CPU reference.
 """
@@ -19,10 +19,61 @@ import triton
 import triton.language as tl
 
 # The launch shape, from benchmarks/own_kernels.py --kernels conv at the 500M config's shapes on an H200.
-BLOCK_T = 16  # rows per tile
+BLOCK_T = 32  # rows per tile
 BLOCK_C = 128  # channels per tile
-PROGRAMS_PER_SM = 4  # programs along the sequence: each sums its rows' weight gradient, added after the kernel
+PROGRAMS_PER_SM = 8  # programs along the sequence: each sums its rows' weight gradient, added after the kernel
 NUM_WARPS = 4
+
+
+@triton.jit
+def _rows_of(base, rows, stride_t, cols, seqlen, col_ok):
+    """(BLOCK_T, BLOCK_C) fp32 tile at ``rows`` (zero outside the sequence)."""
+    ok = (rows >= 0) & (rows < seqlen)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _docs_of(seq_base, rows, seqlen):
+    return tl.load(seq_base + rows, mask=(rows >= 0) & (rows < seqlen), other=-1)
+
+
+@triton.jit
+def _same_doc(x, doc, out_doc, HAS_SEQ_IDX: tl.constexpr):
+    """``x`` where its row is in the output row's document, else 0."""
+    if HAS_SEQ_IDX:
+        x = tl.where((doc == out_doc)[:, None], x, 0.0)
+    return x
+
+
+@triton.jit
+def _pre_grad(
+    dout_base, out_rows, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, x0, x1, x2, x3,
+    d0, d1, d2, d3, out_doc, HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """The gradient at the pre-activation of the outputs at ``out_rows``, which read x0..x3 (oldest first, from
+    documents d0..d3) through taps w0..w3; also those x as the output sees them (other documents' rows zeroed)."""
+    x0 = _same_doc(x0, d0, out_doc, HAS_SEQ_IDX)
+    x1 = _same_doc(x1, d1, out_doc, HAS_SEQ_IDX)
+    x2 = _same_doc(x2, d2, out_doc, HAS_SEQ_IDX)
+    x3 = _same_doc(x3, d3, out_doc, HAS_SEQ_IDX)
+    dpre = _rows_of(dout_base, out_rows, stride_dout_t, cols, seqlen, col_ok)
+    if SILU:
+        pre = w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3
+        if HAS_BIAS:
+            pre += bias[None, :]
+        sig = tl.sigmoid(pre)
+        dpre = dpre * sig * (1 + pre * (1 - sig))
+    return dpre, x0, x1, x2, x3
+
+
+@triton.jit
+def _tap(W, cols, stride_w_c, col_ok, k: tl.constexpr, WIDTH: tl.constexpr):
+    """Tap ``k`` of the conv padded to 4 taps on the left (taps before ``4 - WIDTH`` are 0)."""
+    if k >= 4 - WIDTH:
+        return tl.load(W + cols * stride_w_c + (k - (4 - WIDTH)), mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(cols.shape, dtype=tl.float32)
 
 
 @triton.jit
@@ -31,8 +82,7 @@ def _causal_conv1d_bwd_kernel(
     DX, DWB_PARTIAL,  # DX like X; DWB_PARTIAL (programs, channels * width + channels) fp32
     seqlen, channels, rows_per_program,
     stride_x_b, stride_x_t, stride_w_c, stride_dout_b, stride_dout_t, stride_dx_b, stride_dx_t, stride_seq_b,
-    WIDTH: tl.constexpr,
-    TAPS: tl.constexpr,  # WIDTH rounded up to a power of two
+    WIDTH: tl.constexpr,  # 2 to 4, padded to 4 taps: tap k reads x at row t - 3 + k
     HAS_BIAS: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr,
     SILU: tl.constexpr,
@@ -44,64 +94,82 @@ def _causal_conv1d_bwd_kernel(
     batch = tl.program_id(2).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
-    taps = tl.arange(0, TAPS)
-    tap_ok = taps < WIDTH
-    w = tl.load(W + cols[None, :] * stride_w_c + taps[:, None], mask=tap_ok[:, None] & col_ok[None, :], other=0.0).to(
-        tl.float32
-    )  # (TAPS, BLOCK_C): tap k multiplies x at row t - (WIDTH - 1) + k
-    if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w0 = _tap(W, cols, stride_w_c, col_ok, 0, WIDTH)
+    w1 = _tap(W, cols, stride_w_c, col_ok, 1, WIDTH)
+    w2 = _tap(W, cols, stride_w_c, col_ok, 2, WIDTH)
+    w3 = _tap(W, cols, stride_w_c, col_ok, 3, WIDTH)
+    bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     x_base = X + batch * stride_x_b
     dout_base = DOUT + batch * stride_dout_b
-    if HAS_SEQ_IDX:
-        seq_base = SEQ_IDX + batch * stride_seq_b
-    dw = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+    seq_base = SEQ_IDX + batch * stride_seq_b if HAS_SEQ_IDX else SEQ_IDX
+    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db = tl.zeros((BLOCK_C,), dtype=tl.float32)
     first_row = pid_t * rows_per_program
     for block_start in range(first_row, tl.minimum(first_row + rows_per_program, seqlen), BLOCK_T):
         rows = block_start + tl.arange(0, BLOCK_T)  # the rows of x whose gradient this tile writes
+        # x at rows t - 3 .. t + 3: what the outputs at t .. t + 3 read (the shifted tiles mostly hit the cache)
+        xm3 = _rows_of(x_base, rows - 3, stride_x_t, cols, seqlen, col_ok)
+        xm2 = _rows_of(x_base, rows - 2, stride_x_t, cols, seqlen, col_ok)
+        xm1 = _rows_of(x_base, rows - 1, stride_x_t, cols, seqlen, col_ok)
+        x0 = _rows_of(x_base, rows, stride_x_t, cols, seqlen, col_ok)
+        xp1 = _rows_of(x_base, rows + 1, stride_x_t, cols, seqlen, col_ok)
+        xp2 = _rows_of(x_base, rows + 2, stride_x_t, cols, seqlen, col_ok)
+        xp3 = _rows_of(x_base, rows + 3, stride_x_t, cols, seqlen, col_ok)
         if HAS_SEQ_IDX:
-            row_doc = tl.load(seq_base + rows, mask=rows < seqlen, other=-1)
-        dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        # x at row t feeds the outputs at t + j, j < WIDTH, through tap WIDTH - 1 - j
-        for j in tl.static_range(WIDTH):
-            out_rows = rows + j
-            out_ok = out_rows < seqlen
-            src = out_rows[:, None] - (WIDTH - 1) + taps[None, :]  # (BLOCK_T, TAPS): the rows output t + j reads
-            src_ok = (src >= 0) & tap_ok[None, :] & out_ok[:, None]
-            if HAS_SEQ_IDX:
-                out_doc = tl.load(seq_base + out_rows, mask=out_ok, other=-2)
-                src_doc = tl.load(seq_base + src, mask=src_ok, other=-3)
-                src_ok = src_ok & (src_doc == out_doc[:, None])
-            xs = tl.load(
-                x_base + src.to(tl.int64)[:, :, None] * stride_x_t + cols[None, None, :],
-                mask=src_ok[:, :, None] & col_ok[None, None, :],
-                other=0.0,
-            ).to(tl.float32)  # (BLOCK_T, TAPS, BLOCK_C)
-            pre = tl.sum(xs * w[None, :, :], axis=1)  # (BLOCK_T, BLOCK_C)
-            if HAS_BIAS:
-                pre += bias[None, :]
-            mask = out_ok[:, None] & col_ok[None, :]
-            dpre = tl.load(
-                dout_base + out_rows.to(tl.int64)[:, None] * stride_dout_t + cols[None, :], mask=mask, other=0.0
-            ).to(tl.float32)
-            if SILU:
-                sig = tl.sigmoid(pre)
-                dpre = dpre * sig * (1 + pre * (1 - sig))
-            if j == 0:  # each output row's gradient enters the weight's and bias's sums once
-                dw += tl.sum(dpre[:, None, :] * xs, axis=0)
-                db += tl.sum(dpre, axis=0)
-            if HAS_SEQ_IDX:
-                dpre = tl.where((out_doc == row_doc)[:, None], dpre, 0.0)
-            w_tap = tl.load(W + cols * stride_w_c + (WIDTH - 1 - j), mask=col_ok, other=0.0).to(tl.float32)
-            dx += dpre * w_tap[None, :]
+            dm3 = _docs_of(seq_base, rows - 3, seqlen)
+            dm2 = _docs_of(seq_base, rows - 2, seqlen)
+            dm1 = _docs_of(seq_base, rows - 1, seqlen)
+            d0 = _docs_of(seq_base, rows, seqlen)
+            dp1 = _docs_of(seq_base, rows + 1, seqlen)
+            dp2 = _docs_of(seq_base, rows + 2, seqlen)
+            dp3 = _docs_of(seq_base, rows + 3, seqlen)
+        else:
+            dm3, dm2, dm1, d0, dp1, dp2, dp3 = 0, 0, 0, 0, 0, 0, 0  # unread
+        # the output at t (its reads, as it sees them, give the weight's gradient) and at t + 1 .. t + 3
+        g0, a0, a1, a2, a3 = _pre_grad(
+            dout_base, rows, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm3, xm2, xm1, x0,
+            dm3, dm2, dm1, d0, d0, HAS_BIAS, HAS_SEQ_IDX, SILU,
+        )  # fmt: skip
+        dw0 += tl.sum(g0 * a0, axis=0)
+        dw1 += tl.sum(g0 * a1, axis=0)
+        dw2 += tl.sum(g0 * a2, axis=0)
+        dw3 += tl.sum(g0 * a3, axis=0)
+        db += tl.sum(g0, axis=0)
+        dx = g0 * w3[None, :]
+        if WIDTH >= 2:
+            g1, _, _, _, _ = _pre_grad(
+                dout_base, rows + 1, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm2, xm1, x0, xp1,
+                dm2, dm1, d0, dp1, dp1, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+            dx += _same_doc(g1, d0, dp1, HAS_SEQ_IDX) * w2[None, :]
+        if WIDTH >= 3:
+            g2, _, _, _, _ = _pre_grad(
+                dout_base, rows + 2, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm1, x0, xp1, xp2,
+                dm1, d0, dp1, dp2, dp2, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+            dx += _same_doc(g2, d0, dp2, HAS_SEQ_IDX) * w1[None, :]
+        if WIDTH >= 4:
+            g3, _, _, _, _ = _pre_grad(
+                dout_base, rows + 3, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, x0, xp1, xp2, xp3,
+                d0, dp1, dp2, dp3, dp3, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+            dx += _same_doc(g3, d0, dp3, HAS_SEQ_IDX) * w0[None, :]
         tl.store(
             DX + batch * stride_dx_b + rows.to(tl.int64)[:, None] * stride_dx_t + cols[None, :],
             dx.to(DX.dtype.element_ty),
             mask=(rows < seqlen)[:, None] & col_ok[None, :],
         )
     partial = DWB_PARTIAL + (tl.program_id(2) * tl.num_programs(0) + pid_t) * (channels * (WIDTH + 1))
-    tl.store(partial + cols[None, :] * WIDTH + taps[:, None], dw, mask=tap_ok[:, None] & col_ok[None, :])
+    # padded tap k is the weight's tap k - (4 - WIDTH)
+    if WIDTH >= 4:
+        tl.store(partial + cols * WIDTH + (0 - (4 - WIDTH)), dw0, mask=col_ok)
+    if WIDTH >= 3:
+        tl.store(partial + cols * WIDTH + (1 - (4 - WIDTH)), dw1, mask=col_ok)
+    tl.store(partial + cols * WIDTH + (2 - (4 - WIDTH)), dw2, mask=col_ok)
+    tl.store(partial + cols * WIDTH + (3 - (4 - WIDTH)), dw3, mask=col_ok)
     tl.store(partial + channels * WIDTH + cols, db, mask=col_ok)
 
 
@@ -126,6 +194,8 @@ def causal_conv1d_bwd(
     sweeps them). Returns ``(dx, dweight, dbias)``, the last two in the parameters' dtypes."""
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
+    if not 2 <= width <= 4:
+        raise ValueError(f"causal_conv1d_bwd: width {width} is not 2, 3 or 4")
     named = (("x", x), ("dout", dout)) + ((("dx", dx),) if dx is not None else ())
     for name, t in named:
         if t.shape != x.shape or t.stride(-1) != 1:
@@ -149,7 +219,7 @@ def causal_conv1d_bwd(
             seqlen, channels, rows_per_program,
             x.stride(0), x.stride(1), weight.stride(0), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
             seq_idx.stride(0) if seq_idx is not None else 0,
-            WIDTH=width, TAPS=triton.next_power_of_2(width), HAS_BIAS=bias is not None,
+            WIDTH=width, HAS_BIAS=bias is not None,
             HAS_SEQ_IDX=seq_idx is not None, SILU=silu, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
         )  # fmt: skip
     sums = partial.sum(0)
