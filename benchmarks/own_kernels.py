@@ -145,7 +145,7 @@ def conv_variants(
 
     defaults = (conv_bwd.BLOCK_T, conv_bwd.BLOCK_C, conv_bwd.PROGRAMS_PER_SM, conv_bwd.NUM_WARPS)
     variants = {"causal_conv1d channel-last bwd": upstream}
-    shapes = [defaults] if quick else itertools.product((16, 32, 64), (64, 128, 256), (8, 32), (4, 8))
+    shapes = [defaults] if quick else itertools.product((16, 32, 64), (32, 64, 128), (8, 32), (4, 8))
     for block_t, block_c, per_sm, warps in shapes:
         name = f"ours rows {block_t} ch {block_c} {per_sm}/SM warps {warps}"
         variants[name] = lambda t=block_t, c=block_c, p=per_sm, w=warps: conv_bwd.causal_conv1d_bwd(

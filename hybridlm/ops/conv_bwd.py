@@ -3,10 +3,11 @@
 causal_conv1d's channel-last backward took 0.31 ms a layer at the 500M config's 8x4096 (32768 rows of 2304
 channels, width 4: 6.4 ms of a step, ``benchmarks/profile_step.py``), where reading x and the output's gradient
 and writing x's gradient moves 453 MB, ~0.10 ms at the H200's bandwidth. This kernel reads and writes the same
-tensors: each program walks tiles of rows of one sequence and recomputes the conv's pre-activation at the
-``width`` output positions every input row feeds, from seven shifted tiles of x (all but one hit the cache), so
-x's gradient is finished in one pass; the weight's and bias's gradients are summed per program in fp32 and the
-partial sums added after the kernel (deterministic, no atomics). With ``seq_idx`` no tap reaches across a
+tensors: each program walks tiles of rows of one sequence, computes the gradient at the conv's pre-activation
+once per row (the SiLU's derivative needs the pre-activation: recomputed from four shifted tiles of x, three of
+them hits in the cache) and finishes x's gradient from it and its rows shifted by one to three (``tl.gather``
+within the tile; tiles overlap by three rows); the weight's and bias's gradients are summed per program in fp32
+and the partial sums added after the kernel (deterministic, no atomics). With ``seq_idx`` no tap reaches across a
 document boundary, as in the forward (``hybridlm.ops.conv.causal_conv1d_ref``); there are no initial states.
 
 CUDA only; imported by the fused paths that use it (``hybridlm.ops.conv_ssd``), never by the CPU reference.
@@ -20,7 +21,7 @@ import triton.language as tl
 
 # The launch shape, from benchmarks/own_kernels.py --kernels conv at the 500M config's shapes on an H200.
 BLOCK_T = 32  # rows per tile
-BLOCK_C = 128  # channels per tile
+BLOCK_C = 64  # channels per tile
 PROGRAMS_PER_SM = 8  # programs along the sequence: each sums its rows' weight gradient, added after the kernel
 NUM_WARPS = 4
 
@@ -47,33 +48,19 @@ def _same_doc(x, doc, out_doc, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
-def _pre_grad(
-    dout_base, out_rows, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, x0, x1, x2, x3,
-    d0, d1, d2, d3, out_doc, HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr,
-):  # fmt: skip
-    """The gradient at the pre-activation of the outputs at ``out_rows``, which read x0..x3 (oldest first, from
-    documents d0..d3) through taps w0..w3; also those x as the output sees them (other documents' rows zeroed)."""
-    x0 = _same_doc(x0, d0, out_doc, HAS_SEQ_IDX)
-    x1 = _same_doc(x1, d1, out_doc, HAS_SEQ_IDX)
-    x2 = _same_doc(x2, d2, out_doc, HAS_SEQ_IDX)
-    x3 = _same_doc(x3, d3, out_doc, HAS_SEQ_IDX)
-    dpre = _rows_of(dout_base, out_rows, stride_dout_t, cols, seqlen, col_ok)
-    if SILU:
-        pre = w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3
-        if HAS_BIAS:
-            pre += bias[None, :]
-        sig = tl.sigmoid(pre)
-        dpre = dpre * sig * (1 + pre * (1 - sig))
-    return dpre, x0, x1, x2, x3
-
-
-@triton.jit
 def _tap(W, cols, stride_w_c, col_ok, k: tl.constexpr, WIDTH: tl.constexpr):
     """Tap ``k`` of the conv padded to 4 taps on the left (taps before ``4 - WIDTH`` are 0)."""
     if k >= 4 - WIDTH:
         return tl.load(W + cols * stride_w_c + (k - (4 - WIDTH)), mask=col_ok, other=0.0).to(tl.float32)
     else:
         return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _shifted(t, j: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row i of the result is row i + j of ``t`` (the last rows repeat the tile's last: never used)."""
+    idx = tl.minimum(tl.arange(0, BLOCK_T) + j, BLOCK_T - 1)
+    return tl.gather(t, tl.broadcast_to(idx[:, None], (BLOCK_T, BLOCK_C)), axis=0)
 
 
 @triton.jit
@@ -94,83 +81,72 @@ def _causal_conv1d_bwd_kernel(
     batch = tl.program_id(2).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
-    w0 = _tap(W, cols, stride_w_c, col_ok, 0, WIDTH)
-    w1 = _tap(W, cols, stride_w_c, col_ok, 1, WIDTH)
-    w2 = _tap(W, cols, stride_w_c, col_ok, 2, WIDTH)
-    w3 = _tap(W, cols, stride_w_c, col_ok, 3, WIDTH)
-    bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    w0 = _tap(W, cols, stride_w_c, col_ok, 0, WIDTH)[None, :]
+    w1 = _tap(W, cols, stride_w_c, col_ok, 1, WIDTH)[None, :]
+    w2 = _tap(W, cols, stride_w_c, col_ok, 2, WIDTH)[None, :]
+    w3 = _tap(W, cols, stride_w_c, col_ok, 3, WIDTH)[None, :]
     x_base = X + batch * stride_x_b
     dout_base = DOUT + batch * stride_dout_b
     seq_base = SEQ_IDX + batch * stride_seq_b if HAS_SEQ_IDX else SEQ_IDX
-    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # the weight's and bias's gradients, summed over rows once after the loop
+    dw0 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     first_row = pid_t * rows_per_program
-    for block_start in range(first_row, tl.minimum(first_row + rows_per_program, seqlen), BLOCK_T):
-        rows = block_start + tl.arange(0, BLOCK_T)  # the rows of x whose gradient this tile writes
-        # x at rows t - 3 .. t + 3: what the outputs at t .. t + 3 read (the shifted tiles mostly hit the cache)
+    last_row = tl.minimum(first_row + rows_per_program, seqlen)
+    # Each tile computes the pre-activation's gradient at BLOCK_T rows and finishes x's gradient at the first
+    # BLOCK_T - 3 of them (x at row t feeds the outputs at t .. t + 3): tiles overlap by 3 rows.
+    for block_start in range(first_row, last_row, BLOCK_T - 3):
+        local = tl.arange(0, BLOCK_T)
+        rows = block_start + local
+        owned = (local < BLOCK_T - 3) & (rows < last_row)
         xm3 = _rows_of(x_base, rows - 3, stride_x_t, cols, seqlen, col_ok)
         xm2 = _rows_of(x_base, rows - 2, stride_x_t, cols, seqlen, col_ok)
         xm1 = _rows_of(x_base, rows - 1, stride_x_t, cols, seqlen, col_ok)
         x0 = _rows_of(x_base, rows, stride_x_t, cols, seqlen, col_ok)
-        xp1 = _rows_of(x_base, rows + 1, stride_x_t, cols, seqlen, col_ok)
-        xp2 = _rows_of(x_base, rows + 2, stride_x_t, cols, seqlen, col_ok)
-        xp3 = _rows_of(x_base, rows + 3, stride_x_t, cols, seqlen, col_ok)
         if HAS_SEQ_IDX:
-            dm3 = _docs_of(seq_base, rows - 3, seqlen)
-            dm2 = _docs_of(seq_base, rows - 2, seqlen)
-            dm1 = _docs_of(seq_base, rows - 1, seqlen)
             d0 = _docs_of(seq_base, rows, seqlen)
-            dp1 = _docs_of(seq_base, rows + 1, seqlen)
-            dp2 = _docs_of(seq_base, rows + 2, seqlen)
-            dp3 = _docs_of(seq_base, rows + 3, seqlen)
-        else:
-            dm3, dm2, dm1, d0, dp1, dp2, dp3 = 0, 0, 0, 0, 0, 0, 0  # unread
-        # the output at t (its reads, as it sees them, give the weight's gradient) and at t + 1 .. t + 3
-        g0, a0, a1, a2, a3 = _pre_grad(
-            dout_base, rows, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm3, xm2, xm1, x0,
-            dm3, dm2, dm1, d0, d0, HAS_BIAS, HAS_SEQ_IDX, SILU,
-        )  # fmt: skip
-        dw0 += tl.sum(g0 * a0, axis=0)
-        dw1 += tl.sum(g0 * a1, axis=0)
-        dw2 += tl.sum(g0 * a2, axis=0)
-        dw3 += tl.sum(g0 * a3, axis=0)
-        db += tl.sum(g0, axis=0)
-        dx = g0 * w3[None, :]
-        if WIDTH >= 2:
-            g1, _, _, _, _ = _pre_grad(
-                dout_base, rows + 1, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm2, xm1, x0, xp1,
-                dm2, dm1, d0, dp1, dp1, HAS_BIAS, HAS_SEQ_IDX, SILU,
-            )  # fmt: skip
-            dx += _same_doc(g1, d0, dp1, HAS_SEQ_IDX) * w2[None, :]
-        if WIDTH >= 3:
-            g2, _, _, _, _ = _pre_grad(
-                dout_base, rows + 2, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, xm1, x0, xp1, xp2,
-                dm1, d0, dp1, dp2, dp2, HAS_BIAS, HAS_SEQ_IDX, SILU,
-            )  # fmt: skip
-            dx += _same_doc(g2, d0, dp2, HAS_SEQ_IDX) * w1[None, :]
-        if WIDTH >= 4:
-            g3, _, _, _, _ = _pre_grad(
-                dout_base, rows + 3, stride_dout_t, cols, seqlen, col_ok, bias, w0, w1, w2, w3, x0, xp1, xp2, xp3,
-                d0, dp1, dp2, dp3, dp3, HAS_BIAS, HAS_SEQ_IDX, SILU,
-            )  # fmt: skip
-            dx += _same_doc(g3, d0, dp3, HAS_SEQ_IDX) * w0[None, :]
+            xm3 = _same_doc(xm3, _docs_of(seq_base, rows - 3, seqlen), d0, HAS_SEQ_IDX)
+            xm2 = _same_doc(xm2, _docs_of(seq_base, rows - 2, seqlen), d0, HAS_SEQ_IDX)
+            xm1 = _same_doc(xm1, _docs_of(seq_base, rows - 1, seqlen), d0, HAS_SEQ_IDX)
+        dpre = _rows_of(dout_base, rows, stride_dout_t, cols, seqlen, col_ok)
+        if SILU:
+            pre = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
+            if HAS_BIAS:
+                pre += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            sig = tl.sigmoid(pre)
+            dpre = dpre * sig * (1 + pre * (1 - sig))
+        g = tl.where(owned[:, None], dpre, 0.0)  # each output row enters the sums once
+        dw0 += g * xm3
+        dw1 += g * xm2
+        dw2 += g * xm1
+        dw3 += g * x0
+        db += g
+        # x's gradient at row t: the taps' products with the pre-activation's gradient at t .. t + 3
+        g1 = _shifted(dpre, 1, BLOCK_T, BLOCK_C)
+        g2 = _shifted(dpre, 2, BLOCK_T, BLOCK_C)
+        g3 = _shifted(dpre, 3, BLOCK_T, BLOCK_C)
+        if HAS_SEQ_IDX:
+            g1 = _same_doc(g1, _docs_of(seq_base, rows + 1, seqlen), d0, HAS_SEQ_IDX)
+            g2 = _same_doc(g2, _docs_of(seq_base, rows + 2, seqlen), d0, HAS_SEQ_IDX)
+            g3 = _same_doc(g3, _docs_of(seq_base, rows + 3, seqlen), d0, HAS_SEQ_IDX)
+        dx = w3 * dpre + w2 * g1 + w1 * g2 + w0 * g3
         tl.store(
             DX + batch * stride_dx_b + rows.to(tl.int64)[:, None] * stride_dx_t + cols[None, :],
             dx.to(DX.dtype.element_ty),
-            mask=(rows < seqlen)[:, None] & col_ok[None, :],
+            mask=owned[:, None] & col_ok[None, :],
         )
     partial = DWB_PARTIAL + (tl.program_id(2) * tl.num_programs(0) + pid_t) * (channels * (WIDTH + 1))
     # padded tap k is the weight's tap k - (4 - WIDTH)
     if WIDTH >= 4:
-        tl.store(partial + cols * WIDTH + (0 - (4 - WIDTH)), dw0, mask=col_ok)
+        tl.store(partial + cols * WIDTH + (0 - (4 - WIDTH)), tl.sum(dw0, axis=0), mask=col_ok)
     if WIDTH >= 3:
-        tl.store(partial + cols * WIDTH + (1 - (4 - WIDTH)), dw1, mask=col_ok)
-    tl.store(partial + cols * WIDTH + (2 - (4 - WIDTH)), dw2, mask=col_ok)
-    tl.store(partial + cols * WIDTH + (3 - (4 - WIDTH)), dw3, mask=col_ok)
-    tl.store(partial + channels * WIDTH + cols, db, mask=col_ok)
+        tl.store(partial + cols * WIDTH + (1 - (4 - WIDTH)), tl.sum(dw1, axis=0), mask=col_ok)
+    tl.store(partial + cols * WIDTH + (2 - (4 - WIDTH)), tl.sum(dw2, axis=0), mask=col_ok)
+    tl.store(partial + cols * WIDTH + (3 - (4 - WIDTH)), tl.sum(dw3, axis=0), mask=col_ok)
+    tl.store(partial + channels * WIDTH + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
 def causal_conv1d_bwd(
@@ -207,8 +183,11 @@ def causal_conv1d_bwd(
     dx = torch.empty_like(x) if dx is None else dx
     sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     col_blocks = triton.cdiv(channels, block_c)
-    per_row = max(1, min(triton.cdiv(seqlen, block_t), triton.cdiv(sm_count * programs_per_sm, batch * col_blocks)))
-    rows_per_program = triton.cdiv(triton.cdiv(seqlen, per_row), block_t) * block_t
+    if block_t < 8:
+        raise ValueError(f"causal_conv1d_bwd: block_t {block_t} must be at least 8 (tiles overlap by 3 rows)")
+    step = block_t - 3  # rows of x's gradient a tile finishes
+    per_row = max(1, min(triton.cdiv(seqlen, step), triton.cdiv(sm_count * programs_per_sm, batch * col_blocks)))
+    rows_per_program = triton.cdiv(triton.cdiv(seqlen, per_row), step) * step
     per_row = max(1, triton.cdiv(seqlen, rows_per_program))
     # every program writes its whole slice of the partial sums (zeros only when there is nothing to launch)
     alloc = torch.empty if seqlen else torch.zeros

@@ -125,13 +125,13 @@ def _packed_seq_idx(batch: int, seqlen: int, starts: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize(
     "seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm",
     [
-        (37, 24, 4, False, True, True, 8, 16, 2),
-        (37, 24, 4, True, True, True, 8, 16, 2),
-        (20, 40, 3, True, False, True, 4, 16, 4),
+        (37, 24, 4, False, True, True, 8, 16, 16),
+        (37, 24, 4, True, True, True, 8, 16, 16),
+        (20, 40, 3, True, False, True, 8, 16, 4),
         (9, 8, 2, False, True, False, 16, 8, 1),
     ],
     ids=[
-        "rows over programs, channels over blocks",
+        "rows over 4 programs, channels over blocks",
         "documents packed",
         "width 3 (taps padded to 4), no bias",
         "no SiLU, one partial tile",
@@ -172,8 +172,8 @@ def test_conv_backward_of_packed_documents_is_each_documents_own(kernels):
     weight, bias = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     dout = torch.randn_like(x)
     conv_bwd = kernels["conv_bwd"].causal_conv1d_bwd
-    dx, dweight, dbias = conv_bwd(x, weight, bias, dout, _packed_seq_idx(1, 19, [7]), block_t=4, block_c=8)
-    parts = [conv_bwd(x[:, s], weight, bias, dout[:, s], block_t=4, block_c=8) for s in (slice(0, 7), slice(7, 19))]
+    dx, dweight, dbias = conv_bwd(x, weight, bias, dout, _packed_seq_idx(1, 19, [7]), block_t=8, block_c=8)
+    parts = [conv_bwd(x[:, s], weight, bias, dout[:, s], block_t=8, block_c=8) for s in (slice(0, 7), slice(7, 19))]
     tol = {"atol": 1e-5, "rtol": 1e-5}  # sums in fp32
     torch.testing.assert_close(dx, torch.cat([p[0] for p in parts], dim=1), **tol)
     torch.testing.assert_close(dweight, parts[0][1] + parts[1][1], **tol)
