@@ -143,13 +143,18 @@ def conv_variants(
         )  # fmt: skip
         return dx_upstream, dw, db
 
-    defaults = (conv_bwd.BLOCK_T, conv_bwd.BLOCK_C, conv_bwd.PROGRAMS_PER_SM, conv_bwd.NUM_WARPS)
+    defaults = (conv_bwd.RECOMPUTE, conv_bwd.BLOCK_T, conv_bwd.BLOCK_C, conv_bwd.PROGRAMS_PER_SM, conv_bwd.NUM_WARPS)
     variants = {"causal_conv1d channel-last bwd": upstream}
-    shapes = [defaults] if quick else itertools.product((16, 32, 64), (32, 64, 128), (8, 32), (4, 8))
-    for block_t, block_c, per_sm, warps in shapes:
-        name = f"ours rows {block_t} ch {block_c} {per_sm}/SM warps {warps}"
-        variants[name] = lambda t=block_t, c=block_c, p=per_sm, w=warps: conv_bwd.causal_conv1d_bwd(
-            x, weight, bias, dout, seq_idx, dx=dx, block_t=t, block_c=c, programs_per_sm=p, num_warps=w
+    shapes = [defaults]
+    if not quick:
+        shapes = [
+            *itertools.product([False], (16, 32, 64), (16, 32, 64), (8, 16), (2, 4)),
+            *itertools.product([True], (16, 32), (32, 64, 128), (8,), (4, 8)),
+        ]
+    for recompute, block_t, block_c, per_sm, warps in shapes:
+        name = f"ours {'recompute' if recompute else 'gather'} rows {block_t} ch {block_c} {per_sm}/SM warps {warps}"
+        variants[name] = lambda r=recompute, t=block_t, c=block_c, p=per_sm, w=warps: conv_bwd.causal_conv1d_bwd(
+            x, weight, bias, dout, seq_idx, dx=dx, block_t=t, block_c=c, programs_per_sm=p, num_warps=w, recompute=r
         )
     return variants
 

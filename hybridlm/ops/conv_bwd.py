@@ -24,6 +24,7 @@ BLOCK_T = 32  # rows per tile
 BLOCK_C = 64  # channels per tile
 PROGRAMS_PER_SM = 8  # programs along the sequence: each sums its rows' weight gradient, added after the kernel
 NUM_WARPS = 4
+RECOMPUTE = False  # the later rows' gradients recomputed, else shifted within the tile (tl.gather)
 
 
 @triton.jit
@@ -57,6 +58,32 @@ def _tap(W, cols, stride_w_c, col_ok, k: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _pre_grad(
+    x_base, dout_base, seq_base, out_rows, stride_x_t, stride_dout_t, cols, seqlen, col_ok, w0, w1, w2, w3, BIAS,
+    HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """The gradient at the pre-activation of the outputs at ``out_rows``, and the four rows of x each reads
+    (oldest first; rows of other documents zeroed)."""
+    xm3 = _rows_of(x_base, out_rows - 3, stride_x_t, cols, seqlen, col_ok)
+    xm2 = _rows_of(x_base, out_rows - 2, stride_x_t, cols, seqlen, col_ok)
+    xm1 = _rows_of(x_base, out_rows - 1, stride_x_t, cols, seqlen, col_ok)
+    x0 = _rows_of(x_base, out_rows, stride_x_t, cols, seqlen, col_ok)
+    if HAS_SEQ_IDX:
+        doc = _docs_of(seq_base, out_rows, seqlen)
+        xm3 = _same_doc(xm3, _docs_of(seq_base, out_rows - 3, seqlen), doc, HAS_SEQ_IDX)
+        xm2 = _same_doc(xm2, _docs_of(seq_base, out_rows - 2, seqlen), doc, HAS_SEQ_IDX)
+        xm1 = _same_doc(xm1, _docs_of(seq_base, out_rows - 1, seqlen), doc, HAS_SEQ_IDX)
+    dpre = _rows_of(dout_base, out_rows, stride_dout_t, cols, seqlen, col_ok)
+    if SILU:
+        pre = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
+        if HAS_BIAS:
+            pre += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        sig = tl.sigmoid(pre)
+        dpre = dpre * sig * (1 + pre * (1 - sig))
+    return dpre, xm3, xm2, xm1, x0
+
+
+@triton.jit
 def _shifted(t, j: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row i of the result is row i + j of ``t`` (the last rows repeat the tile's last: never used)."""
     idx = tl.minimum(tl.arange(0, BLOCK_T) + j, BLOCK_T - 1)
@@ -75,6 +102,8 @@ def _causal_conv1d_bwd_kernel(
     SILU: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    STEP: tl.constexpr,  # rows of x's gradient a tile finishes: BLOCK_T, or BLOCK_T - 3 without RECOMPUTE
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -97,27 +126,16 @@ def _causal_conv1d_bwd_kernel(
     first_row = pid_t * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, seqlen)
     # Each tile computes the pre-activation's gradient at BLOCK_T rows and finishes x's gradient at the first
-    # BLOCK_T - 3 of them (x at row t feeds the outputs at t .. t + 3): tiles overlap by 3 rows.
-    for block_start in range(first_row, last_row, BLOCK_T - 3):
+    # STEP of them (x at row t feeds the outputs at t .. t + 3): with the gradient shifted within the tile
+    # (RECOMPUTE False), tiles overlap by 3 rows; else the three later rows' gradients are recomputed.
+    for block_start in range(first_row, last_row, STEP):
         local = tl.arange(0, BLOCK_T)
         rows = block_start + local
-        owned = (local < BLOCK_T - 3) & (rows < last_row)
-        xm3 = _rows_of(x_base, rows - 3, stride_x_t, cols, seqlen, col_ok)
-        xm2 = _rows_of(x_base, rows - 2, stride_x_t, cols, seqlen, col_ok)
-        xm1 = _rows_of(x_base, rows - 1, stride_x_t, cols, seqlen, col_ok)
-        x0 = _rows_of(x_base, rows, stride_x_t, cols, seqlen, col_ok)
-        if HAS_SEQ_IDX:
-            d0 = _docs_of(seq_base, rows, seqlen)
-            xm3 = _same_doc(xm3, _docs_of(seq_base, rows - 3, seqlen), d0, HAS_SEQ_IDX)
-            xm2 = _same_doc(xm2, _docs_of(seq_base, rows - 2, seqlen), d0, HAS_SEQ_IDX)
-            xm1 = _same_doc(xm1, _docs_of(seq_base, rows - 1, seqlen), d0, HAS_SEQ_IDX)
-        dpre = _rows_of(dout_base, rows, stride_dout_t, cols, seqlen, col_ok)
-        if SILU:
-            pre = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0
-            if HAS_BIAS:
-                pre += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            sig = tl.sigmoid(pre)
-            dpre = dpre * sig * (1 + pre * (1 - sig))
+        owned = (local < STEP) & (rows < last_row)
+        dpre, xm3, xm2, xm1, x0 = _pre_grad(
+            x_base, dout_base, seq_base, rows, stride_x_t, stride_dout_t, cols, seqlen, col_ok, w0, w1, w2, w3,
+            BIAS, HAS_BIAS, HAS_SEQ_IDX, SILU,
+        )  # fmt: skip
         g = tl.where(owned[:, None], dpre, 0.0)  # each output row enters the sums once
         dw0 += g * xm3
         dw1 += g * xm2
@@ -125,10 +143,25 @@ def _causal_conv1d_bwd_kernel(
         dw3 += g * x0
         db += g
         # x's gradient at row t: the taps' products with the pre-activation's gradient at t .. t + 3
-        g1 = _shifted(dpre, 1, BLOCK_T, BLOCK_C)
-        g2 = _shifted(dpre, 2, BLOCK_T, BLOCK_C)
-        g3 = _shifted(dpre, 3, BLOCK_T, BLOCK_C)
+        if RECOMPUTE:
+            g1, _, _, _, _ = _pre_grad(
+                x_base, dout_base, seq_base, rows + 1, stride_x_t, stride_dout_t, cols, seqlen, col_ok, w0, w1, w2,
+                w3, BIAS, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+            g2, _, _, _, _ = _pre_grad(
+                x_base, dout_base, seq_base, rows + 2, stride_x_t, stride_dout_t, cols, seqlen, col_ok, w0, w1, w2,
+                w3, BIAS, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+            g3, _, _, _, _ = _pre_grad(
+                x_base, dout_base, seq_base, rows + 3, stride_x_t, stride_dout_t, cols, seqlen, col_ok, w0, w1, w2,
+                w3, BIAS, HAS_BIAS, HAS_SEQ_IDX, SILU,
+            )  # fmt: skip
+        else:
+            g1 = _shifted(dpre, 1, BLOCK_T, BLOCK_C)
+            g2 = _shifted(dpre, 2, BLOCK_T, BLOCK_C)
+            g3 = _shifted(dpre, 3, BLOCK_T, BLOCK_C)
         if HAS_SEQ_IDX:
+            d0 = _docs_of(seq_base, rows, seqlen)
             g1 = _same_doc(g1, _docs_of(seq_base, rows + 1, seqlen), d0, HAS_SEQ_IDX)
             g2 = _same_doc(g2, _docs_of(seq_base, rows + 2, seqlen), d0, HAS_SEQ_IDX)
             g3 = _same_doc(g3, _docs_of(seq_base, rows + 3, seqlen), d0, HAS_SEQ_IDX)
@@ -161,6 +194,7 @@ def causal_conv1d_bwd(
     block_c: int = BLOCK_C,
     programs_per_sm: int = PROGRAMS_PER_SM,
     num_warps: int = NUM_WARPS,
+    recompute: bool = RECOMPUTE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``silu(causal_conv1d(x, weight, bias))`` (or the conv alone when ``silu`` is False) from the
     output's gradient ``dout``. ``x`` and ``dout`` are channel-last (batch, seqlen, channels) with unit channel
@@ -185,7 +219,7 @@ def causal_conv1d_bwd(
     col_blocks = triton.cdiv(channels, block_c)
     if block_t < 8:
         raise ValueError(f"causal_conv1d_bwd: block_t {block_t} must be at least 8 (tiles overlap by 3 rows)")
-    step = block_t - 3  # rows of x's gradient a tile finishes
+    step = block_t if recompute else block_t - 3  # rows of x's gradient a tile finishes
     per_row = max(1, min(triton.cdiv(seqlen, step), triton.cdiv(sm_count * programs_per_sm, batch * col_blocks)))
     rows_per_program = triton.cdiv(triton.cdiv(seqlen, per_row), step) * step
     per_row = max(1, triton.cdiv(seqlen, rows_per_program))
@@ -199,7 +233,8 @@ def causal_conv1d_bwd(
             x.stride(0), x.stride(1), weight.stride(0), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
             seq_idx.stride(0) if seq_idx is not None else 0,
             WIDTH=width, HAS_BIAS=bias is not None,
-            HAS_SEQ_IDX=seq_idx is not None, SILU=silu, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps,
+            HAS_SEQ_IDX=seq_idx is not None, SILU=silu, BLOCK_T=block_t, BLOCK_C=block_c, RECOMPUTE=recompute,
+            STEP=step, num_warps=num_warps,
         )  # fmt: skip
     sums = partial.sum(0)
     dweight = sums[: channels * width].view(channels, width).to(weight.dtype)

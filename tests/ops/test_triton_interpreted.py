@@ -123,21 +123,25 @@ def _packed_seq_idx(batch: int, seqlen: int, starts: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm",
+    "seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm, recompute",
     [
-        (37, 24, 4, False, True, True, 8, 16, 16),
-        (37, 24, 4, True, True, True, 8, 16, 16),
-        (20, 40, 3, True, False, True, 8, 16, 4),
-        (9, 8, 2, False, True, False, 16, 8, 1),
+        (37, 24, 4, False, True, True, 8, 16, 16, False),
+        (37, 24, 4, True, True, True, 8, 16, 16, False),
+        (37, 24, 4, True, True, True, 8, 16, 16, True),
+        (20, 40, 3, True, False, True, 8, 16, 4, False),
+        (9, 8, 2, False, True, False, 16, 8, 1, False),
     ],
     ids=[
         "rows over 4 programs, channels over blocks",
         "documents packed",
+        "documents packed, later rows recomputed",
         "width 3 (taps padded to 4), no bias",
         "no SiLU, one partial tile",
     ],
 )
-def test_conv_backward_matches_autograd(kernels, seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm):
+def test_conv_backward_matches_autograd(
+    kernels, seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm, recompute
+):
     torch.manual_seed(0)
     batch, x_row_pad = 2, 5
     x_rows = torch.randn(batch, seqlen, channels + x_row_pad, dtype=torch.float64)
@@ -156,7 +160,7 @@ def test_conv_backward_matches_autograd(kernels, seqlen, channels, width, packed
     dx_rows = torch.zeros_like(x_rows)
     got = kernels["conv_bwd"].causal_conv1d_bwd(
         x, weight, bias_t, dout, seq_idx, dx=dx_rows[..., :channels], silu=silu,
-        block_t=block_t, block_c=block_c, programs_per_sm=per_sm,
+        block_t=block_t, block_c=block_c, programs_per_sm=per_sm, recompute=recompute,
     )  # fmt: skip
     for value, leaf in zip(got, leaves, strict=False):
         torch.testing.assert_close(value, leaf.grad, atol=1e-5, rtol=1e-5)
