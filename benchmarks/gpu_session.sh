@@ -220,13 +220,6 @@ for phase in "${phases[@]}"; do
         --durations=8
       run bench-train 230 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
-    convbwd)  # hybridlm's conv backward: its launch shapes against causal_conv1d's, the mixer's op times, the bench
-      run conv-sweep 170 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 --kernels conv
-      run conv-packed 60 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 --kernels convpacked --quick
-      run conv-variants 120 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
-        --variants "kept chunk 128,kept causal_conv1d bwd 128" --each-error
-      run bench-conv 220 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
-        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

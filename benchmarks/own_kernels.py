@@ -1,8 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py`` and
-``hybridlm/ops/triton_cross_entropy.py`` and ``hybridlm/ops/conv_bwd.py``.
+``hybridlm/ops/triton_cross_entropy.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,conv] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, triton_cross_entropy
+from hybridlm.ops import compiled, gated_norm_bwd, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -49,7 +49,7 @@ def report(kernel: str, variants: dict[str, Callable]) -> None:
         except Exception as e:  # one launch shape failing (out of resources, say) must not hide the others
             print(f"{kernel:6s} {name:34s} failed: {type(e).__name__}: {str(e)[:120]}")
             continue
-        if baseline_ms is None:  # copied: the variants write into the same given buffers (dz, dx)
+        if baseline_ms is None:  # copied: the variants write into the same given buffer (dz)
             baseline_ms, baseline_out = ms, [t.clone() for t in out]
         err = rel_err(out, baseline_out)
         print(f"{kernel:6s} {name:34s} {ms:8.3f} ms {baseline_ms / ms:6.2f}x  err {err:.1e}", flush=True)
@@ -115,50 +115,6 @@ def loss_variants(tokens: int, vocab: int, quick: bool) -> dict[str, Callable]:
     return variants
 
 
-def conv_variants(
-    batch: int, seqlen: int, channels: int, zxbcdt_width: int, width: int, packed: bool, quick: bool
-) -> dict[str, Callable]:
-    """The mixer's conv backward as ``ops/conv_ssd.py`` calls it: x a slice of in_proj's output, x's gradient
-    written into a slice of in_proj's gradient; ``packed``: documents of 1000 tokens (``seq_idx``)."""
-    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
-
-    dev, bf16 = "cuda", torch.bfloat16
-    zxbcdt = torch.randn(batch, seqlen, zxbcdt_width, device=dev, dtype=bf16)
-    x = zxbcdt[..., :channels]
-    weight = torch.randn(channels, width, device=dev) * 0.5
-    bias = torch.randn(channels, device=dev) * 0.1
-    dout = torch.randn(batch, seqlen, channels, device=dev, dtype=bf16)
-    seq_idx = None
-    if packed:
-        seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
-    dzxbcdt = torch.empty_like(zxbcdt)
-    dx = dzxbcdt[..., :channels]
-    # causal_conv1d writes into the slice only when its row stride is a multiple of 8 (ops/conv_ssd.py)
-    dx_upstream = torch.empty(batch, seqlen, channels, device=dev, dtype=bf16) if dx.stride(1) % 8 else dx
-
-    def upstream():
-        _, dw, db, _ = causal_conv1d_bwd_function(
-            x.transpose(1, 2), weight, bias, dout.transpose(1, 2), seq_idx, None, None, dx_upstream.transpose(1, 2),
-            False, True,
-        )  # fmt: skip
-        return dx_upstream, dw, db
-
-    defaults = (conv_bwd.RECOMPUTE, conv_bwd.BLOCK_T, conv_bwd.BLOCK_C, conv_bwd.PROGRAMS_PER_SM, conv_bwd.NUM_WARPS)
-    variants = {"causal_conv1d channel-last bwd": upstream}
-    shapes = [defaults]
-    if not quick:
-        shapes = [
-            *itertools.product([False], (16, 32, 64), (16, 32, 64), (8, 16), (2, 4)),
-            *itertools.product([True], (16, 32), (32, 64, 128), (8,), (4, 8)),
-        ]
-    for recompute, block_t, block_c, per_sm, warps in shapes:
-        name = f"ours {'recompute' if recompute else 'gather'} rows {block_t} ch {block_c} {per_sm}/SM warps {warps}"
-        variants[name] = lambda r=recompute, t=block_t, c=block_c, p=per_sm, w=warps: conv_bwd.causal_conv1d_bwd(
-            x, weight, bias, dout, seq_idx, dx=dx, block_t=t, block_c=c, programs_per_sm=p, num_warps=w, recompute=r
-        )
-    return variants
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -176,10 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         report("norm", norm_variants(tokens, d_inner, width, args.quick))
     if "loss" in kernels:
         report("loss", loss_variants(tokens, cfg.vocab_size, args.quick))
-    if "conv" in kernels:
-        report("conv", conv_variants(batch, seqlen, cfg.conv_channels, width, cfg.mamba.d_conv, False, args.quick))
-    if "convpacked" in kernels:
-        report("packed", conv_variants(batch, seqlen, cfg.conv_channels, width, cfg.mamba.d_conv, True, args.quick))
 
 
 if __name__ == "__main__":

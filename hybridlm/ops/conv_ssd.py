@@ -19,9 +19,7 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   reads them in; the combined op recomputes them in fp32 for its backward, where they enter only the decays'
   gradient (the sum of each state times its gradient);
 - the decays' gradient is summed from its parts by one compiled kernel (``decay_grad``), where the combined op
-  launches six (two flips, a cumulative sum, three additions);
-- the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``), writing x's gradient straight into
-  in_proj's gradient whatever its row stride.
+  launches six (two flips, a cumulative sum, three additions).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -52,7 +50,6 @@ class MixerKernels:
     tuned_launch: bool = True  # ops/ssd_launch.py's wider autotuning lists, else mamba_ssm's
     lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
     compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
-    own_conv_bwd: bool = True  # ops/conv_bwd.py, else causal_conv1d's channel-last backward
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -142,7 +139,6 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
         from hybridlm.ops import ssd_launch
-        from hybridlm.ops.conv_bwd import causal_conv1d_bwd
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -205,12 +201,7 @@ class ConvSSDScan(torch.autograd.Function):
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
 
-        if kernels.own_conv_bwd:
-            _, dconv_weight, dconv_bias = causal_conv1d_bwd(
-                xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in, silu=True
-            )
-            return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
-        # causal_conv1d writes its input gradient straight into dzxbcdt where the slice's stride allows it
+        # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
         dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
         _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
             _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,

@@ -416,8 +416,7 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     the same op with one of hybridlm's choices switched off (a ``MixerKernels`` field: ``"own_norm_bwd"``,
     hybridlm's gated-norm backward against mamba_ssm's; ``"tuned_launch"``, the wider autotuning lists against
     upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
-    gradient summed by one compiled kernel against eagerly; ``"own_conv_bwd"``, hybridlm's conv backward against
-    causal_conv1d's) instead of the reference ops."""
+    gradient summed by one compiled kernel against eagerly) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -516,8 +515,6 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs upstream launch]": lambda dt: case_conv_ssd_scan(dt, baseline="tuned_launch"),
     "conv_ssd_scan[seq_idx,vs fp32 states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_states"),
     "conv_ssd_scan[seq_idx,vs eager decay grad]": lambda dt: case_conv_ssd_scan(dt, baseline="compiled_decay_grad"),
-    "conv_ssd_scan[seq_idx,vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_conv_bwd"),
-    "conv_ssd_scan[vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_conv_bwd"),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,

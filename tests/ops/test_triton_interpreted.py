@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.ops.compiled import cross_entropy_ref
-from hybridlm.ops.conv import causal_conv1d_ref
 from hybridlm.ops.norm import gated_rms_norm_ref
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -29,7 +28,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
 
 @pytest.fixture(scope="module")
 def kernels():
-    names = ("gated_norm_bwd", "triton_cross_entropy", "conv_bwd")
+    names = ("gated_norm_bwd", "triton_cross_entropy")
     return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
 
 
@@ -112,84 +111,3 @@ def test_cross_entropy_of_a_target_outside_the_vocabulary_is_nan(kernels):
     the row."""
     loss = kernels["triton_cross_entropy"].cross_entropy_triton(torch.randn(2, 10), torch.tensor([3, 10]))
     assert loss.isnan()
-
-
-def _packed_seq_idx(batch: int, seqlen: int, starts: list[int]) -> torch.Tensor:
-    """(batch, seqlen) document ids, a new document at each of ``starts`` (the same in every row)."""
-    idx = torch.zeros(seqlen, dtype=torch.int32)
-    for start in starts:
-        idx[start:] += 1
-    return idx.expand(batch, seqlen).contiguous()
-
-
-@pytest.mark.parametrize(
-    "seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm, recompute",
-    [
-        (37, 24, 4, False, True, True, 8, 16, 16, False),
-        (37, 24, 4, True, True, True, 8, 16, 16, False),
-        (37, 24, 4, True, True, True, 8, 16, 16, True),
-        (20, 40, 3, True, False, True, 8, 16, 4, False),
-        (9, 8, 2, False, True, False, 16, 8, 1, False),
-    ],
-    ids=[
-        "rows over 4 programs, channels over blocks",
-        "documents packed",
-        "documents packed, later rows recomputed",
-        "width 3 (taps padded to 4), no bias",
-        "no SiLU, one partial tile",
-    ],
-)
-def test_conv_backward_matches_autograd(
-    kernels, seqlen, channels, width, packed, bias, silu, block_t, block_c, per_sm, recompute
-):
-    torch.manual_seed(0)
-    batch, x_row_pad = 2, 5
-    x_rows = torch.randn(batch, seqlen, channels + x_row_pad, dtype=torch.float64)
-    x = x_rows[..., :channels]  # a slice of wider rows, as xBC inside in_proj's output
-    weight = torch.randn(channels, width, dtype=torch.float64)
-    bias_t = torch.randn(channels, dtype=torch.float64) if bias else None
-    # documents start inside a tile, at a tile's first row, and one token before a tile's end
-    seq_idx = _packed_seq_idx(batch, seqlen, [3, 8, 15]) if packed else None
-    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((bias_t,) if bias else ())]
-    out = causal_conv1d_ref(
-        leaves[0].transpose(1, 2), leaves[1], leaves[2] if bias else None, "silu" if silu else None, seq_idx
-    ).transpose(1, 2)
-    dout = torch.randn(out.shape, dtype=out.dtype)  # channel-last, as the op's gradient
-    out.backward(dout)
-
-    dx_rows = torch.zeros_like(x_rows)
-    got = kernels["conv_bwd"].causal_conv1d_bwd(
-        x, weight, bias_t, dout, seq_idx, dx=dx_rows[..., :channels], silu=silu,
-        block_t=block_t, block_c=block_c, programs_per_sm=per_sm, recompute=recompute,
-    )  # fmt: skip
-    for value, leaf in zip(got, leaves, strict=False):
-        torch.testing.assert_close(value, leaf.grad, atol=1e-5, rtol=1e-5)
-    assert (got[2] is None) == (not bias)
-    assert got[0].data_ptr() == dx_rows.data_ptr()  # written into the given view
-    assert not dx_rows[..., channels:].any()  # and nowhere else in its rows
-
-
-def test_conv_backward_of_packed_documents_is_each_documents_own(kernels):
-    """A document's gradients do not depend on its neighbours: the packed backward equals each document's alone."""
-    torch.manual_seed(1)
-    x = torch.randn(1, 19, 8, dtype=torch.float64)
-    weight, bias = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    dout = torch.randn_like(x)
-    conv_bwd = kernels["conv_bwd"].causal_conv1d_bwd
-    dx, dweight, dbias = conv_bwd(x, weight, bias, dout, _packed_seq_idx(1, 19, [7]), block_t=8, block_c=8)
-    parts = [conv_bwd(x[:, s], weight, bias, dout[:, s], block_t=8, block_c=8) for s in (slice(0, 7), slice(7, 19))]
-    tol = {"atol": 1e-5, "rtol": 1e-5}  # sums in fp32
-    torch.testing.assert_close(dx, torch.cat([p[0] for p in parts], dim=1), **tol)
-    torch.testing.assert_close(dweight, parts[0][1] + parts[1][1], **tol)
-    torch.testing.assert_close(dbias, parts[0][2] + parts[1][2], **tol)
-
-
-def test_conv_backward_refuses_mismatched_shapes(kernels):
-    x = torch.zeros(2, 10, 8)
-    conv_bwd = kernels["conv_bwd"].causal_conv1d_bwd
-    with pytest.raises(ValueError, match=r"dout \(2, 10, 6\) must be \(2, 10, 8\)"):
-        conv_bwd(x, torch.zeros(8, 4), None, torch.zeros(2, 10, 6))
-    with pytest.raises(ValueError, match=r"weight \(6, 4\) must be \(8, width\)"):
-        conv_bwd(x, torch.zeros(6, 4), None, x)
-    with pytest.raises(ValueError, match=r"seq_idx \(2, 9\) must be \(2, 10\)"):
-        conv_bwd(x, torch.zeros(8, 4), None, x, seq_idx=torch.zeros(2, 9, dtype=torch.int32))
