@@ -43,8 +43,12 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
 }
 OPS = tuple(FUSED_PACKAGES)
 # how the kernel tables name a fused path whose package does not say who wrote its kernels
-FUSED_NAMES = {"add_rms_norm": "torch.compile", "swiglu": "torch.compile", "rotary": "torch.compile"}
-FUSED_NAMES["cross_entropy"] = "Triton (hybridlm)"
+FUSED_NAMES = {
+    "add_rms_norm": "torch.compile",
+    "swiglu": "torch.compile",
+    "rotary": "torch.compile",
+    "cross_entropy": "Triton (hybridlm)",
+}
 COMPOSITE_OPS = ("add_rms_norm", "conv_ssd_scan")  # unfused, they run the simpler ops (each dispatched)
 
 _forced_reference = False
