@@ -220,6 +220,19 @@ for phase in "${phases[@]}"; do
         --durations=8
       run bench-train 230 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    statepassing)  # hybridlm's tiled state passing: kernel sweep at both shapes, its GPU tests, the mixer's op times
+      for shape in 8x4096 1x32768; do
+        run sweep-state-$shape 150 python3 benchmarks/own_kernels.py $CFG --shape $shape --kernels state
+      done
+      run state-tests 200 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        --durations=5 -k "state_passing or conv_ssd_scan and seq_idx"
+      run state-variants-1x32768 120 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept upstream state passing" --each-error ;;
+    statebench)  # the same, then training against the mamba_ssm hybrid at both shapes
+      run state-variants-8x4096 120 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept upstream state passing" --each-error
+      run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

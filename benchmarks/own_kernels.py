@@ -1,8 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
-their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py`` and
-``hybridlm/ops/triton_cross_entropy.py``.
+their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
+``hybridlm/ops/triton_cross_entropy.py`` and ``hybridlm/ops/state_passing.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, gated_norm_bwd, triton_cross_entropy
+from hybridlm.ops import compiled, gated_norm_bwd, state_passing, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -115,6 +115,48 @@ def loss_variants(tokens: int, vocab: int, quick: bool) -> dict[str, Callable]:
     return variants
 
 
+def state_passing_variants(
+    batch: int, seqlen: int, nheads: int, dim: int, chunk: int, quick: bool
+) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """Forward and backward of the state passing across chunks as ``ops/conv_ssd.py`` calls them (bf16 states,
+    fp32 decays, one document per row), mamba_ssm's and ours over (state elements per program, chunks per tile,
+    warps). The backward's decay gradient is compared summed over its partial sums."""
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd, _state_passing_fwd
+
+    dev, bf16 = "cuda", torch.bfloat16
+    nchunks = -(-seqlen // chunk)
+    own = torch.randn(batch, nchunks, nheads, dim, device=dev) * 0.1  # fp32, as _chunk_state_fwd writes them
+    dA_last = -torch.rand(batch, nheads, nchunks, device=dev)
+    dentering = torch.randn(batch, nchunks, nheads, dim, device=dev, dtype=bf16)
+    entering, _ = _state_passing_fwd(own, dA_last, out_dtype=bf16)
+
+    def upstream_bwd():
+        dstates, ddA, _, _ = _state_passing_bwd(
+            entering, dA_last, dentering, has_initial_states=False, dstates_dtype=bf16, states_dtype=bf16
+        )
+        return dstates, ddA
+
+    fwd = {"mamba_ssm _state_passing_fwd": lambda: (_state_passing_fwd(own, dA_last, out_dtype=bf16)[0],)}
+    bwd = {"mamba_ssm _state_passing_bwd": upstream_bwd}
+    defaults = (state_passing.BLOCK_DIM, state_passing.BLOCK_C, state_passing.NUM_WARPS)
+    shapes = [defaults] if quick else itertools.product((64, 128, 256, 512), (4, 8, 16, 32), (2, 4, 8))
+    for block_dim, block_c, warps in shapes:
+        if block_dim * block_c > 8192:  # two fp32 tiles beyond 128 registers a thread at 2 warps
+            continue
+        launch = {"block_dim": block_dim, "block_c": block_c, "num_warps": warps}
+        name = f"ours dim {block_dim} chunks {block_c} warps {warps}"
+        fwd[name] = lambda k=launch: (state_passing.state_passing_fwd(own, dA_last, out_dtype=bf16, **k),)
+
+        def ours_bwd(k=launch):
+            dstates, ddA_partial, _ = state_passing.state_passing_bwd(
+                entering, dA_last, dentering, dstates_dtype=bf16, entering_dtype=bf16, **k
+            )
+            return dstates, ddA_partial.sum(-1)
+
+        bwd[name] = ours_bwd
+    return fwd, bwd
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -132,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         report("norm", norm_variants(tokens, d_inner, width, args.quick))
     if "loss" in kernels:
         report("loss", loss_variants(tokens, cfg.vocab_size, args.quick))
+    if "state" in kernels:
+        dim = cfg.mamba.head_dim * cfg.mamba.d_state
+        fwd, bwd = state_passing_variants(batch, seqlen, cfg.mamba_n_heads, dim, cfg.mamba.chunk_size, args.quick)
+        report("spfwd", fwd)
+        report("spbwd", bwd)
 
 
 if __name__ == "__main__":

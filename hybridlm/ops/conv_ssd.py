@@ -19,7 +19,10 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   reads them in; the combined op recomputes them in fp32 for its backward, where they enter only the decays'
   gradient (the sum of each state times its gradient);
 - the decays' gradient is summed from its parts by one compiled kernel (``decay_grad``), where the combined op
-  launches six (two flips, a cumulative sum, three additions).
+  launches six (two flips, a cumulative sum, three additions);
+- the state passing across chunks is hybridlm's own pair of Triton kernels (``ops/state_passing.py``: tiles of
+  chunks combined by an associative scan, where mamba_ssm's walk the chunks one by one, latency-bound on long
+  sequences).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -50,6 +53,7 @@ class MixerKernels:
     tuned_launch: bool = True  # ops/ssd_launch.py's wider autotuning lists, else mamba_ssm's
     lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
     compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
+    own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -79,7 +83,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
 
-        from hybridlm.ops import ssd_launch
+        from hybridlm.ops import ssd_launch, state_passing
 
         chunk_scan_fwd = ssd_launch.chunk_scan_fwd() if kernels.tuned_launch else _chunk_scan_fwd
 
@@ -94,13 +98,16 @@ class ConvSSDScan(torch.autograd.Function):
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
         chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
         # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
-        states, _ = _state_passing_fwd(
-            chunk_states.flatten(-2),
-            dA_cumsum[..., -1],
-            seq_idx=seq_idx,
-            chunk_size=chunk_size,
-            out_dtype=x.dtype if kernels.lowp_states else torch.float32,
-        )
+        states_dtype = x.dtype if kernels.lowp_states else torch.float32
+        if kernels.own_state_passing:
+            states = state_passing.state_passing_fwd(
+                chunk_states.flatten(-2), dA_cumsum[..., -1], seq_idx, chunk_size, out_dtype=states_dtype
+            )
+        else:
+            states, _ = _state_passing_fwd(
+                chunk_states.flatten(-2), dA_cumsum[..., -1], seq_idx=seq_idx, chunk_size=chunk_size,
+                out_dtype=states_dtype,
+            )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
@@ -138,7 +145,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import ssd_launch
+        from hybridlm.ops import ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -172,16 +179,17 @@ class ConvSSDScan(torch.autograd.Function):
 
         # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
         dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
-        dstates, ddA_chunk_last, _, states_lowp = _state_passing_bwd(
-            states.flatten(-2),
-            dA_cumsum[..., -1],
-            dstates.flatten(-2),
-            seq_idx=seq_idx,
-            has_initial_states=False,
-            dstates_dtype=x.dtype,
-            states_dtype=x.dtype,
-            chunk_size=chunk_size,
-        )
+        if kernels.own_state_passing:
+            dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
+                states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx, chunk_size,
+                dstates_dtype=x.dtype, entering_dtype=x.dtype,
+            )  # fmt: skip
+        else:
+            dstates, ddA_chunk_last, _, states_lowp = _state_passing_bwd(
+                states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx=seq_idx,
+                has_initial_states=False, dstates_dtype=x.dtype, states_dtype=x.dtype, chunk_size=chunk_size,
+            )  # fmt: skip
+            ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
         dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
         dB_states, ddA_from_B = _chunk_state_bwd_db(
@@ -218,8 +226,9 @@ def decay_grad(
     """The gradient of the cumulative log decays ``dA_cumsum`` (batch, nheads, nchunks, chunk) from its parts:
     the in-chunk scan's and the chunk states' (through B) at each step, and the reverse cumulative sum over the
     chunk of the terms through C and, at the chunk's last step, through the state leaving the chunk
-    (``from_chunk_end``, (batch, nheads, nchunks)): a step's decay reaches every later step of its chunk."""
-    from_C = torch.cat([from_C[..., :-1], (from_C[..., -1] + from_chunk_end)[..., None]], dim=-1)
+    (``from_chunk_end``, (batch, nheads, nchunks, parts): partial sums, added here): a step's decay reaches every
+    later step of its chunk."""
+    from_C = torch.cat([from_C[..., :-1], (from_C[..., -1] + from_chunk_end.sum(-1))[..., None]], dim=-1)
     return in_chunk + from_B + from_C.flip(-1).cumsum(-1).flip(-1)
 
 

@@ -78,13 +78,8 @@ def ssd_scan_ref(
     # 3. pass states across chunks; a state survives only into the same document
     seq_before = torch.cat([seq_idx[:, :1], seq_last[:, :-1]], dim=1)  # doc of the incoming state
     carries = (seq_before == seq_last).float()  # (batch, chunks)
-    chunk_decay = torch.exp(dA_cumsum[..., -1])  # (batch, nheads, chunks)
-    state = initial_states.float() if initial_states is not None else xf.new_zeros(batch, nheads, headdim, Bf.shape[-1])
-    incoming = []
-    for c in range(xc.shape[1]):
-        incoming.append(state)
-        state = state * (chunk_decay[:, :, c] * carries[:, c, None])[..., None, None] + chunk_states[:, c]
-    incoming = torch.stack(incoming, dim=1)  # (batch, chunks, nheads, headdim, d_state)
+    chunk_decay = torch.exp(dA_cumsum[..., -1]) * carries[:, None]  # (batch, nheads, chunks)
+    incoming, state = state_passing_ref(chunk_states, chunk_decay, initial_states)
 
     # 4. the incoming state's contribution to each position
     decay_from_start = torch.exp(dA_cumsum) * (seqc == seq_before[..., None])[:, None]
@@ -98,6 +93,23 @@ def ssd_scan_ref(
         y = y * F.silu(z.float())
     y = y.to(dtype)
     return (y, state) if return_final_states else y
+
+
+def state_passing_ref(
+    states: torch.Tensor,  # (batch, chunks, nheads, ...): the state each chunk writes from a zero state
+    chunk_decay: torch.Tensor,  # (batch, nheads, chunks): each chunk's decay of the state it receives
+    initial_state: torch.Tensor | None = None,  # (batch, nheads, ...)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states entering each chunk (the first is ``initial_state`` or zero) and the state leaving the last:
+    entering_{c+1} = chunk_decay_c * entering_c + states_c, one chunk after another, in fp32 or wider."""
+    dtype = torch.promote_types(states.dtype, torch.float32)
+    state = initial_state.to(dtype) if initial_state is not None else states.new_zeros(states[:, 0].shape, dtype=dtype)
+    entering = []
+    for c in range(states.shape[1]):
+        entering.append(state)
+        decay = chunk_decay[:, :, c].to(dtype).reshape(*chunk_decay.shape[:2], *[1] * (states.dim() - 3))
+        state = state * decay + states[:, c].to(dtype)
+    return torch.stack(entering, dim=1), state
 
 
 def ssd_scan_fused(

@@ -30,7 +30,8 @@ orders of magnitude, so they are compared relative to their largest entry).
     kernels    kernels; only summation order and autotuning differ),  bf16   1e-2   1e-2   1e-2
                and vs itself with one of its choices switched off
                (mamba_ssm's gated-norm backward, upstream's
-               autotuning lists, fp32 chunk states)
+               autotuning lists, fp32 chunk states, mamba_ssm's
+               state passing)
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
                swiglu, rotary (torch.compile), cross_entropy          bf16   2e-2   2e-2   2e-2
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
@@ -416,7 +417,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     the same op with one of hybridlm's choices switched off (a ``MixerKernels`` field: ``"own_norm_bwd"``,
     hybridlm's gated-norm backward against mamba_ssm's; ``"tuned_launch"``, the wider autotuning lists against
     upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
-    gradient summed by one compiled kernel against eagerly) instead of the reference ops."""
+    gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
+    against mamba_ssm's) instead of the reference ops."""
     b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
@@ -515,6 +517,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs upstream launch]": lambda dt: case_conv_ssd_scan(dt, baseline="tuned_launch"),
     "conv_ssd_scan[seq_idx,vs fp32 states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_states"),
     "conv_ssd_scan[seq_idx,vs eager decay grad]": lambda dt: case_conv_ssd_scan(dt, baseline="compiled_decay_grad"),
+    "conv_ssd_scan[seq_idx,vs upstream state passing]": lambda dt: case_conv_ssd_scan(dt, baseline="own_state_passing"),
     "swiglu": case_swiglu,
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
@@ -651,6 +654,41 @@ def model_rows(version: int, dtype: torch.dtype) -> list[Row]:
 def test_model_fused_matches_reference(version, dtype_name):
     rows = model_rows(version, DTYPES[dtype_name])
     assert all(r.ok for r in rows), _failures(rows)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one document"])
+def test_state_passing_matches_mamba_ssm_over_many_chunks(packed):
+    """hybridlm's tiled state passing against mamba_ssm's chunk-by-chunk kernels at the 500M config's state size
+    (32 heads of 64 x 128) over 300 chunks of 128: tiles of 16 chunks, the last partial, with document
+    boundaries inside chunks and on a chunk's last position. Both sum in fp32, in different orders."""
+    from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd, _state_passing_fwd
+
+    from hybridlm.ops.state_passing import state_passing_bwd, state_passing_fwd
+
+    batch, nchunks, nheads, dim, chunk = 2, 300, 32, 64 * 128, 128
+    seqlen = nchunks * chunk - 50
+    states = cuda(batch, nchunks, nheads, dim, scale=0.1)
+    dA_last = -torch.rand(batch, nheads, nchunks, device="cuda") * 0.5
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32, device="cuda")
+        for start in (1000, 5 * chunk - 1, 20_000):
+            seq_idx[0, start:] += 1
+    dentering = cuda(batch, nchunks, nheads, dim)
+
+    want, _ = _state_passing_fwd(states, dA_last, seq_idx=seq_idx, chunk_size=chunk, out_dtype=FP32)
+    got = state_passing_fwd(states, dA_last, seq_idx, chunk, out_dtype=FP32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want_dstates, want_ddA, _, _ = _state_passing_bwd(
+        want, dA_last, dentering, seq_idx=seq_idx, has_initial_states=False, dstates_dtype=FP32, states_dtype=BF16,
+        chunk_size=chunk,
+    )  # fmt: skip
+    dstates, ddA_partial, converted = state_passing_bwd(
+        got, dA_last, dentering, seq_idx, chunk, dstates_dtype=FP32, entering_dtype=BF16
+    )
+    torch.testing.assert_close(dstates, want_dstates, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ddA_partial.sum(-1), want_ddA, atol=1e-3, rtol=1e-4)  # sums over 8192 elements
+    assert torch.equal(converted, got.to(BF16))
 
 
 def test_fused_model_keeps_packed_documents_isolated():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from hybridlm.ops.compiled import cross_entropy_ref
 from hybridlm.ops.norm import gated_rms_norm_ref
+from hybridlm.ops.ssd import state_passing_ref
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("a GPU is here: the GPU tests run these kernels compiled", allow_module_level=True)
@@ -28,7 +29,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
 
 @pytest.fixture(scope="module")
 def kernels():
-    names = ("gated_norm_bwd", "triton_cross_entropy")
+    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing")
     return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
 
 
@@ -111,3 +112,69 @@ def test_cross_entropy_of_a_target_outside_the_vocabulary_is_nan(kernels):
     the row."""
     loss = kernels["triton_cross_entropy"].cross_entropy_triton(torch.randn(2, 10), torch.tensor([3, 10]))
     assert loss.isnan()
+
+
+def _chunk_decay_across_documents(dA_last, seq_idx, chunk_size):
+    """exp(dA) per chunk, zero where a chunk's last position is in another document than the chunk before's
+    (mamba_ssm's rule; the first chunk compares with document 0)."""
+    seqlen = seq_idx.shape[-1]
+    last = (torch.arange(dA_last.shape[-1]) + 1).mul(chunk_size).clamp(max=seqlen) - 1
+    doc = seq_idx[:, last]
+    doc_before = torch.cat([torch.zeros_like(doc[:, :1]), doc[:, :-1]], dim=1)
+    return dA_last.exp() * (doc == doc_before)[:, None]
+
+
+@pytest.mark.parametrize(
+    "nchunks, dim, packed, block_c",
+    [(11, 40, True, 4), (11, 40, False, 4), (3, 16, True, 8), (8, 32, False, 4)],
+    ids=["packed, partial tiles", "one document", "fewer chunks than a tile", "whole tiles"],
+)
+def test_state_passing_matches_autograd_through_the_reference(kernels, nchunks, dim, packed, block_c):
+    module = kernels["state_passing"]
+    torch.manual_seed(0)
+    batch, nheads, chunk_size = 2, 3, 4
+    seqlen = nchunks * chunk_size - 2  # the last chunk is short
+    states = torch.randn(batch, nchunks, nheads, dim, dtype=torch.float64)
+    dA_last = -torch.rand(batch, nheads, nchunks, dtype=torch.float64)
+    seq_idx = None
+    if packed:  # documents that start inside a chunk, on a chunk's last position, and in the first chunk
+        starts = [3, 11, 19, 26][: max(1, nchunks - 1)] if nchunks > 3 else [2]
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        for start in starts:
+            seq_idx[0, start:] += 1
+        seq_idx[1, seqlen // 2 :] = 1
+    decay = _chunk_decay_across_documents(dA_last, seq_idx, chunk_size) if packed else dA_last.exp()
+
+    leaves = [t.clone().requires_grad_() for t in (states, dA_last)]
+    ref_decay = _chunk_decay_across_documents(leaves[1], seq_idx, chunk_size) if packed else leaves[1].exp()
+    want, _ = state_passing_ref(leaves[0], ref_decay)
+    dentering = torch.randn_like(want)
+    want.backward(dentering)
+    assert (decay == 0).any() == packed  # the packed cases cut the state somewhere
+
+    got = module.state_passing_fwd(states, dA_last, seq_idx, chunk_size, block_dim=16, block_c=block_c)
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+    dstates, ddA_partial, converted = module.state_passing_bwd(
+        got, dA_last, dentering, seq_idx, chunk_size, entering_dtype=torch.float32, block_dim=16, block_c=block_c
+    )
+    torch.testing.assert_close(dstates, leaves[0].grad, atol=1e-5, rtol=1e-5)
+    assert ddA_partial.shape == (batch, nheads, nchunks, 3 if dim == 40 else dim // 16)
+    torch.testing.assert_close(ddA_partial.sum(-1).double(), leaves[1].grad, atol=1e-5, rtol=1e-5)
+    assert converted.dtype == torch.float32 and torch.equal(converted, got.float())
+
+
+def test_state_passing_stores_in_the_asked_dtype(kernels):
+    module = kernels["state_passing"]
+    states = torch.randn(1, 6, 2, 24)
+    dA_last = -torch.rand(1, 2, 6)
+    want, _ = state_passing_ref(states, dA_last.exp())
+    got = module.state_passing_fwd(states, dA_last, out_dtype=torch.bfloat16, block_dim=16, block_c=4)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0, rtol=2**-7)  # within one bf16 step of the fp32 sums
+    dstates, _, same = module.state_passing_bwd(got, dA_last, torch.randn_like(want), entering_dtype=torch.bfloat16)
+    assert same is got and dstates.dtype == torch.float32
+
+
+def test_state_passing_refuses_mismatched_decays(kernels):
+    with pytest.raises(ValueError, match=r"dA_chunk_last \(1, 2, 5\) must be \(1, 2, 6\)"):
+        kernels["state_passing"].state_passing_fwd(torch.zeros(1, 6, 2, 8), torch.zeros(1, 2, 5))
