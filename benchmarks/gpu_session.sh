@@ -224,7 +224,7 @@ for phase in "${phases[@]}"; do
       for shape in 8x4096 1x32768; do
         run sweep-state-$shape 150 python3 benchmarks/own_kernels.py $CFG --shape $shape --kernels state
       done
-      run state-tests 200 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+      run state-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         --durations=5 -k "state_passing or conv_ssd_scan and seq_idx"
       run state-variants-1x32768 120 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
         --variants "kept chunk 128,kept upstream state passing" --each-error ;;

@@ -139,9 +139,9 @@ def state_passing_variants(
     fwd = {"mamba_ssm _state_passing_fwd": lambda: (_state_passing_fwd(own, dA_last, out_dtype=bf16)[0],)}
     bwd = {"mamba_ssm _state_passing_bwd": upstream_bwd}
     defaults = (state_passing.BLOCK_DIM, state_passing.BLOCK_C, state_passing.NUM_WARPS)
-    shapes = [defaults] if quick else itertools.product((64, 128, 256, 512), (4, 8, 16, 32), (2, 4, 8))
+    shapes = [defaults] if quick else itertools.product((256, 512, 1024, 2048), (4, 8, 16), (1, 2, 4))
     for block_dim, block_c, warps in shapes:
-        if block_dim * block_c > 8192:  # two fp32 tiles beyond 128 registers a thread at 2 warps
+        if block_dim * block_c > 256 * 32 * warps:  # over 256 elements of each tile a thread: registers spill
             continue
         launch = {"block_dim": block_dim, "block_c": block_c, "num_warps": warps}
         name = f"ours dim {block_dim} chunks {block_c} warps {warps}"
