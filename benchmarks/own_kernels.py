@@ -138,22 +138,24 @@ def state_passing_variants(
 
     fwd = {"mamba_ssm _state_passing_fwd": lambda: (_state_passing_fwd(own, dA_last, out_dtype=bf16)[0],)}
     bwd = {"mamba_ssm _state_passing_bwd": upstream_bwd}
-    defaults = (state_passing.BLOCK_DIM, state_passing.BLOCK_C, state_passing.NUM_WARPS)
-    shapes = [defaults] if quick else itertools.product((256, 512, 1024, 2048), (4, 8, 16), (1, 2, 4))
-    for block_dim, block_c, warps in shapes:
-        if block_dim * block_c > 256 * 32 * warps:  # over 256 elements of each tile a thread: registers spill
-            continue
-        launch = {"block_dim": block_dim, "block_c": block_c, "num_warps": warps}
-        name = f"ours dim {block_dim} chunks {block_c} warps {warps}"
-        fwd[name] = lambda k=launch: (state_passing.state_passing_fwd(own, dA_last, out_dtype=bf16, **k),)
+    every = itertools.product((256, 512, 1024, 2048), (4, 8, 16), (1, 2, 4))
+    # over 256 elements of each tile a thread, registers spill
+    every = [launch for launch in every if launch[0] * launch[1] <= 256 * 32 * launch[2]]
+
+    def name(launch):
+        return "ours dim {} chunks {} warps {}".format(*launch)
+
+    for launch in [state_passing.FWD_LAUNCH] if quick else every:
+        fwd[name(launch)] = lambda k=launch: (state_passing.state_passing_fwd(own, dA_last, out_dtype=bf16, launch=k),)
+    for launch in [state_passing.BWD_LAUNCH] if quick else every:
 
         def ours_bwd(k=launch):
             dstates, ddA_partial, _ = state_passing.state_passing_bwd(
-                entering, dA_last, dentering, dstates_dtype=bf16, entering_dtype=bf16, **k
+                entering, dA_last, dentering, dstates_dtype=bf16, entering_dtype=bf16, launch=k
             )
             return dstates, ddA_partial.sum(-1)
 
-        bwd[name] = ours_bwd
+        bwd[name(launch)] = ours_bwd
     return fwd, bwd
 
 

@@ -25,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-# The launch shape, from benchmarks/own_kernels.py --kernels state (500M config on an H200): few warps, each thread
-# holding whole columns of a tile, so the scan over its rows stays in registers (more warps split the rows between
-# them and the scan goes through shared memory: 2-4x slower).
-BLOCK_DIM = 512  # state elements per program
-BLOCK_C = 8  # chunks per tile
-NUM_WARPS = 2
+# The launch shapes (state elements per program, chunks per tile, warps), from benchmarks/own_kernels.py --kernels
+# state on an H200 (500M config; ms a layer at 8x4096 | 1x32768, mamba_ssm's 0.099 | 0.323 each way): forward
+# 0.098 | 0.100, backward 0.102 | 0.121. One or two warps, each thread holding whole columns of a tile, so the scan
+# over its rows stays in registers; more warps split the rows and the scan goes through shared memory (2-4x slower).
+FWD_LAUNCH = (256, 4, 1)
+BWD_LAUNCH = (512, 8, 1)
 
 
 @triton.jit
@@ -167,14 +167,13 @@ def state_passing_fwd(
     seq_idx: torch.Tensor | None = None,
     chunk_size: int | None = None,
     out_dtype: torch.dtype | None = None,
-    block_dim: int = BLOCK_DIM,
-    block_c: int = BLOCK_C,
-    num_warps: int = NUM_WARPS,
+    launch: tuple[int, int, int] = FWD_LAUNCH,
 ) -> torch.Tensor:
     """The states entering each chunk, (batch, nchunks, nheads, dim) in ``out_dtype`` (``states``' by default),
     from each chunk's own state ``states`` (same shape, from a zero state) and its total log decay
     ``dA_chunk_last`` (batch, nheads, nchunks). With ``seq_idx`` (batch, seqlen), a chunk whose last position
-    starts a new document against the chunk before's does not receive its state (mamba_ssm's rule)."""
+    starts a new document against the chunk before's does not receive its state (mamba_ssm's rule). ``launch``:
+    (state elements per program, chunks per tile, warps)."""
     batch, nchunks, nheads, dim = states.shape
     _check("states", states, (batch, nchunks, nheads, dim))
     if dA_chunk_last.shape != (batch, nheads, nchunks):
@@ -184,6 +183,7 @@ def state_passing_fwd(
     if seq_idx is not None and chunk_size is None:
         raise ValueError("state passing: seq_idx needs chunk_size")
     out = torch.empty_like(states, dtype=out_dtype or states.dtype)
+    block_dim, block_c, num_warps = launch
     grid = (triton.cdiv(dim, block_dim), batch, nheads)
     _state_passing_fwd_kernel[grid](
         states, out, dA_chunk_last, seq_idx if seq_idx is not None else states,
@@ -205,15 +205,13 @@ def state_passing_bwd(
     chunk_size: int | None = None,
     dstates_dtype: torch.dtype | None = None,
     entering_dtype: torch.dtype | None = None,
-    block_dim: int = BLOCK_DIM,
-    block_c: int = BLOCK_C,
-    num_warps: int = NUM_WARPS,
+    launch: tuple[int, int, int] = BWD_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients through ``state_passing_fwd`` from that of its output ``dentering``, given its output
     ``entering``: returns ``(dstates, ddA_partial, entering_converted)`` — the gradient of each chunk's own state
     (in ``dstates_dtype``, ``dentering``'s by default); that of ``dA_chunk_last`` as (batch, nheads, nchunks,
     blocks) fp32 partial sums to add over the last dimension; and ``entering`` in ``entering_dtype`` (written in
-    the same pass when the dtype differs, else ``entering`` itself)."""
+    the same pass when the dtype differs, else ``entering`` itself). ``launch`` as ``state_passing_fwd``'s."""
     batch, nchunks, nheads, dim = entering.shape
     for name, t in (("entering", entering), ("dentering", dentering)):
         _check(name, t, (batch, nchunks, nheads, dim))
@@ -226,6 +224,7 @@ def state_passing_bwd(
     dstates = torch.empty_like(dentering, dtype=dstates_dtype or dentering.dtype)
     convert = entering_dtype is not None and entering_dtype != entering.dtype
     converted = torch.empty_like(entering, dtype=entering_dtype) if convert else entering
+    block_dim, block_c, num_warps = launch
     blocks = triton.cdiv(dim, block_dim)
     ddA_partial = torch.empty((batch, nheads, nchunks, blocks), dtype=torch.float32, device=entering.device)
     _state_passing_bwd_kernel[(blocks, batch, nheads)](
