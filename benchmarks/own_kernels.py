@@ -74,12 +74,14 @@ def norm_variants(tokens: int, d_inner: int, zxbcdt_width: int, quick: bool) -> 
         return dy, dz_, dw
 
     variants = {"mamba_ssm _layer_norm_bwd": upstream}
-    defaults = (gated_norm_bwd.PROGRAMS_PER_SM, gated_norm_bwd.BLOCK_M, gated_norm_bwd.NUM_WARPS)
-    shapes = [defaults] if quick else itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8))
-    for per_sm, block_m, warps in shapes:
-        name = f"ours {per_sm}/SM rows {block_m} warps {warps}"
-        variants[name] = lambda p=per_sm, m=block_m, w=warps: gated_norm_bwd.gated_rms_norm_bwd(
-            dout, y, z, weight, rstd, d_inner, dz=dz, programs_per_sm=p, block_m=m, num_warps=w
+    defaults = (
+        gated_norm_bwd.PROGRAMS_PER_SM, gated_norm_bwd.BLOCK_M, gated_norm_bwd.NUM_WARPS, gated_norm_bwd.STAGES
+    )  # fmt: skip
+    shapes = [defaults] if quick else itertools.product((2, 4, 8, 16), (1, 2, 4), (4, 8), (1, 2, 3))
+    for per_sm, block_m, warps, stages in shapes:
+        name = f"ours {per_sm}/SM rows {block_m} warps {warps} stages {stages}"
+        variants[name] = lambda p=per_sm, m=block_m, w=warps, st=stages: gated_norm_bwd.gated_rms_norm_bwd(
+            dout, y, z, weight, rstd, d_inner, dz=dz, programs_per_sm=p, block_m=m, num_warps=w, stages=st
         )
     return variants
 

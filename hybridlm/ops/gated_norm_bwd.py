@@ -23,6 +23,7 @@ import triton.language as tl
 PROGRAMS_PER_SM = 8  # each program's partial weight gradient is summed after the kernel
 BLOCK_M = 1  # rows per tile
 NUM_WARPS = 8
+STAGES = 1  # the row loop as written: each tile's loads wait for the tile before to be stored
 
 
 @triton.jit
@@ -34,6 +35,7 @@ def _gated_rms_norm_bwd_kernel(
     rows_per_program,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -43,7 +45,7 @@ def _gated_rms_norm_bwd_kernel(
     w = tl.load(W + col_offset, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # rows_per_program is a multiple of BLOCK_M: programs never share a row
-    for block_start in range(0, rows_per_program, BLOCK_M):
+    for block_start in tl.range(0, rows_per_program, BLOCK_M, num_stages=STAGES):  # STAGES > 1: loads run ahead
         rows = pid * rows_per_program + block_start + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
@@ -78,13 +80,15 @@ def gated_rms_norm_bwd(
     programs_per_sm: int = PROGRAMS_PER_SM,
     block_m: int = BLOCK_M,
     num_warps: int = NUM_WARPS,
+    stages: int = STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``rms_norm(y * silu(z)) * weight`` (gate before the norm, groups of ``group_size``
     channels) from the output's gradient ``dout``, given the forward's ``rstd`` laid out as mamba_ssm's forward
     writes it (``(ngroups * rows,)``, group-major). ``dout``, ``y``, ``z`` are (rows, channels) with unit column
     stride and any row stride; ``dz``, when given, is a view the kernel writes into (a slice of in_proj's
-    gradient, say). ``programs_per_sm``, ``block_m`` (rows per tile) and ``num_warps`` are the launch's
-    shape (``benchmarks/own_kernels.py`` sweeps them). Returns ``(dy, dz, dweight)``."""
+    gradient, say). ``programs_per_sm``, ``block_m`` (rows per tile), ``num_warps`` and ``stages`` (the row
+    loop's software pipelining: tiles loaded ahead of the one computed) are the launch's shape
+    (``benchmarks/own_kernels.py`` sweeps them). Returns ``(dy, dz, dweight)``."""
     rows, channels = y.shape
     if channels % group_size:
         raise ValueError(f"gated_rms_norm_bwd: {channels} channels is not a multiple of group_size {group_size}")
@@ -107,6 +111,6 @@ def gated_rms_norm_bwd(
         rows, group_size,
         dout.stride(0), y.stride(0), z.stride(0), dy.stride(0), dz.stride(0),
         rows_per_program,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return dy, dz, dw_partial.sum(0).to(weight.dtype)
