@@ -77,7 +77,7 @@ def norm_variants(tokens: int, d_inner: int, zxbcdt_width: int, quick: bool) -> 
     defaults = (
         gated_norm_bwd.PROGRAMS_PER_SM, gated_norm_bwd.BLOCK_M, gated_norm_bwd.NUM_WARPS, gated_norm_bwd.STAGES
     )  # fmt: skip
-    shapes = [defaults] if quick else itertools.product((2, 4, 8, 16), (1, 2, 4), (4, 8), (1, 2, 3))
+    shapes = [defaults] if quick else itertools.product((2, 8), (1, 2, 4), (4, 8), (3, 4, 5))
     for per_sm, block_m, warps, stages in shapes:
         name = f"ours {per_sm}/SM rows {block_m} warps {warps} stages {stages}"
         variants[name] = lambda p=per_sm, m=block_m, w=warps, st=stages: gated_norm_bwd.gated_rms_norm_bwd(
@@ -140,12 +140,12 @@ def state_passing_variants(
 
     fwd = {"mamba_ssm _state_passing_fwd": lambda: (_state_passing_fwd(own, dA_last, out_dtype=bf16)[0],)}
     bwd = {"mamba_ssm _state_passing_bwd": upstream_bwd}
-    every = itertools.product((256, 512, 1024, 2048), (4, 8, 16), (1, 2, 4))
+    every = itertools.product((256, 512, 1024), (4, 8, 16), (1, 2), (1, 2, 3))
     # over 256 elements of each tile a thread, registers spill
     every = [launch for launch in every if launch[0] * launch[1] <= 256 * 32 * launch[2]]
 
     def name(launch):
-        return "ours dim {} chunks {} warps {}".format(*launch)
+        return "ours dim {} chunks {} warps {} stages {}".format(*launch)
 
     for launch in [state_passing.FWD_LAUNCH] if quick else every:
         fwd[name(launch)] = lambda k=launch: (state_passing.state_passing_fwd(own, dA_last, out_dtype=bf16, launch=k),)

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-# The launch shapes (state elements per program, chunks per tile, warps), from benchmarks/own_kernels.py --kernels
-# state on an H200 (500M config; ms a layer at 8x4096 | 1x32768, mamba_ssm's 0.099 | 0.323 each way): forward
-# 0.098 | 0.100, backward 0.102 | 0.121. One or two warps, each thread holding whole columns of a tile, so the scan
-# over its rows stays in registers; more warps split the rows and the scan goes through shared memory (2-4x slower).
-FWD_LAUNCH = (256, 4, 1)
-BWD_LAUNCH = (512, 8, 1)
+# The launch shapes (state elements per program, chunks per tile, warps, pipeline stages), from
+# benchmarks/own_kernels.py --kernels state on an H200 (500M config; ms a layer at 8x4096 | 1x32768, mamba_ssm's
+# 0.099 | 0.323 each way): forward 0.098 | 0.100, backward 0.102 | 0.121. One or two warps, each thread holding
+# whole columns of a tile, so the scan over its rows stays in registers; more warps split the rows and the scan
+# goes through shared memory (2-4x slower).
+FWD_LAUNCH = (256, 4, 1, 1)
+BWD_LAUNCH = (512, 8, 1, 1)
 
 
 @triton.jit
@@ -67,6 +68,7 @@ def _state_passing_fwd_kernel(
     HAS_SEQ_IDX: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     STATES += pid_b * stride_states_batch + pid_h * stride_states_head
@@ -79,7 +81,7 @@ def _state_passing_fwd_kernel(
 
     tl.store(OUT + offs, tl.zeros((BLOCK_DIM,), tl.float32).to(OUT.dtype.element_ty), mask=dim_mask)
     carry = tl.zeros((BLOCK_DIM,), tl.float32)  # the state leaving the tiles so far
-    for start in range(0, nchunks, BLOCK_C):
+    for start in tl.range(0, nchunks, BLOCK_C, num_stages=STAGES):
         chunks = start + rows
         mask = (chunks < nchunks)[:, None] & dim_mask[None, :]
         own = tl.load(STATES + chunks[:, None] * stride_states_chunk + offs[None, :], mask=mask, other=0.0)
@@ -110,6 +112,7 @@ def _state_passing_bwd_kernel(
     CONVERT_OUT: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DOUT += pid_b * stride_dout_batch + pid_h * stride_dout_head
@@ -127,7 +130,7 @@ def _state_passing_bwd_kernel(
     # recurrence is a forward scan over rows. g_c, the gradient reaching chunk c's own state, is that of the state
     # entering chunk c + 1: g_c = dout_{c+1} + exp(dA_{c+1}) g_{c+1}, and g of the last chunk is zero.
     carry = tl.zeros((BLOCK_DIM,), tl.float32)
-    for end in range(nchunks, 0, -BLOCK_C):
+    for end in tl.range(nchunks, 0, -BLOCK_C, num_stages=STAGES):
         chunks = end - 1 - rows
         valid = chunks >= 0
         mask = valid[:, None] & dim_mask[None, :]
@@ -167,13 +170,13 @@ def state_passing_fwd(
     seq_idx: torch.Tensor | None = None,
     chunk_size: int | None = None,
     out_dtype: torch.dtype | None = None,
-    launch: tuple[int, int, int] = FWD_LAUNCH,
+    launch: tuple[int, int, int, int] = FWD_LAUNCH,
 ) -> torch.Tensor:
     """The states entering each chunk, (batch, nchunks, nheads, dim) in ``out_dtype`` (``states``' by default),
     from each chunk's own state ``states`` (same shape, from a zero state) and its total log decay
     ``dA_chunk_last`` (batch, nheads, nchunks). With ``seq_idx`` (batch, seqlen), a chunk whose last position
     starts a new document against the chunk before's does not receive its state (mamba_ssm's rule). ``launch``:
-    (state elements per program, chunks per tile, warps)."""
+    (state elements per program, chunks per tile, warps, stages: tiles loaded ahead of the one scanned)."""
     batch, nchunks, nheads, dim = states.shape
     _check("states", states, (batch, nchunks, nheads, dim))
     if dA_chunk_last.shape != (batch, nheads, nchunks):
@@ -183,7 +186,7 @@ def state_passing_fwd(
     if seq_idx is not None and chunk_size is None:
         raise ValueError("state passing: seq_idx needs chunk_size")
     out = torch.empty_like(states, dtype=out_dtype or states.dtype)
-    block_dim, block_c, num_warps = launch
+    block_dim, block_c, num_warps, stages = launch
     grid = (triton.cdiv(dim, block_dim), batch, nheads)
     _state_passing_fwd_kernel[grid](
         states, out, dA_chunk_last, seq_idx if seq_idx is not None else states,
@@ -192,7 +195,7 @@ def state_passing_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         *dA_chunk_last.stride(),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_SEQ_IDX=seq_idx is not None, BLOCK_DIM=block_dim, BLOCK_C=block_c, num_warps=num_warps,
+        HAS_SEQ_IDX=seq_idx is not None, BLOCK_DIM=block_dim, BLOCK_C=block_c, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -205,7 +208,7 @@ def state_passing_bwd(
     chunk_size: int | None = None,
     dstates_dtype: torch.dtype | None = None,
     entering_dtype: torch.dtype | None = None,
-    launch: tuple[int, int, int] = BWD_LAUNCH,
+    launch: tuple[int, int, int, int] = BWD_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients through ``state_passing_fwd`` from that of its output ``dentering``, given its output
     ``entering``: returns ``(dstates, ddA_partial, entering_converted)`` — the gradient of each chunk's own state
@@ -224,7 +227,7 @@ def state_passing_bwd(
     dstates = torch.empty_like(dentering, dtype=dstates_dtype or dentering.dtype)
     convert = entering_dtype is not None and entering_dtype != entering.dtype
     converted = torch.empty_like(entering, dtype=entering_dtype) if convert else entering
-    block_dim, block_c, num_warps = launch
+    block_dim, block_c, num_warps, stages = launch
     blocks = triton.cdiv(dim, block_dim)
     ddA_partial = torch.empty((batch, nheads, nchunks, blocks), dtype=torch.float32, device=entering.device)
     _state_passing_bwd_kernel[(blocks, batch, nheads)](
@@ -237,7 +240,7 @@ def state_passing_bwd(
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         dstates.stride(0), dstates.stride(1), dstates.stride(2),
         converted.stride(0), converted.stride(1), converted.stride(2),
-        HAS_SEQ_IDX=seq_idx is not None, CONVERT_OUT=convert, BLOCK_DIM=block_dim, BLOCK_C=block_c,
+        HAS_SEQ_IDX=seq_idx is not None, CONVERT_OUT=convert, BLOCK_DIM=block_dim, BLOCK_C=block_c, STAGES=stages,
         num_warps=num_warps,
     )  # fmt: skip
     return dstates, ddA_partial, converted

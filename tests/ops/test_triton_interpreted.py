@@ -152,10 +152,10 @@ def test_state_passing_matches_autograd_through_the_reference(kernels, nchunks, 
     want.backward(dentering)
     assert (decay == 0).any() == packed  # the packed cases cut the state somewhere
 
-    got = module.state_passing_fwd(states, dA_last, seq_idx, chunk_size, launch=(16, block_c, 1))
+    got = module.state_passing_fwd(states, dA_last, seq_idx, chunk_size, launch=(16, block_c, 1, 1))
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
     dstates, ddA_partial, converted = module.state_passing_bwd(
-        got, dA_last, dentering, seq_idx, chunk_size, entering_dtype=torch.float32, launch=(16, block_c, 1)
+        got, dA_last, dentering, seq_idx, chunk_size, entering_dtype=torch.float32, launch=(16, block_c, 1, 1)
     )
     torch.testing.assert_close(dstates, leaves[0].grad, atol=1e-5, rtol=1e-5)
     assert ddA_partial.shape == (batch, nheads, nchunks, 3 if dim == 40 else dim // 16)
@@ -168,7 +168,7 @@ def test_state_passing_stores_in_the_asked_dtype(kernels):
     states = torch.randn(1, 6, 2, 24)
     dA_last = -torch.rand(1, 2, 6)
     want, _ = state_passing_ref(states, dA_last.exp())
-    got = module.state_passing_fwd(states, dA_last, out_dtype=torch.bfloat16, launch=(16, 4, 1))
+    got = module.state_passing_fwd(states, dA_last, out_dtype=torch.bfloat16, launch=(16, 4, 1, 2))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0, rtol=2**-7)  # within one bf16 step of the fp32 sums
     dstates, _, same = module.state_passing_bwd(got, dA_last, torch.randn_like(want), entering_dtype=torch.bfloat16)
