@@ -147,9 +147,9 @@ def state_passing_variants(
     def name(launch):
         return "ours dim {} chunks {} warps {} stages {}".format(*launch)
 
-    for launch in [state_passing.FWD_LAUNCH] if quick else every:
+    for launch in [state_passing.LAUNCH] if quick else every:
         fwd[name(launch)] = lambda k=launch: (state_passing.state_passing_fwd(own, dA_last, out_dtype=bf16, launch=k),)
-    for launch in [state_passing.BWD_LAUNCH] if quick else every:
+    for launch in [state_passing.LAUNCH] if quick else every:
 
         def ours_bwd(k=launch):
             dstates, ddA_partial, _ = state_passing.state_passing_bwd(

@@ -4,9 +4,9 @@ Triton kernel over tiles of rows.
 mamba_ssm's ``_layer_norm_bwd`` launches one program per SM, each walking its ~250 rows one at a time: one
 8-warp program per SM cannot keep enough loads in flight, and at the 500M config's (32768, 2048) it ran at ~40%
 of the H200's memory bandwidth (7.6 ms a step over 21 layers, ``benchmarks/profile_step.py``). This kernel reads
-and writes the same tensors, in fp32 arithmetic as mamba_ssm's, with several programs per SM (and tiles of
-``BLOCK_M`` rows, one by default). Gradients match mamba_ssm's to summation order (the GPU tests hold them to the
-reference ops and to mamba_ssm's kernel).
+and writes the same tensors, in fp32 arithmetic as mamba_ssm's, with the row loop software-pipelined (the next
+rows' loads in flight while one is computed; tiles of ``BLOCK_M`` rows, one by default). Gradients match
+mamba_ssm's to summation order (the GPU tests hold them to the reference ops and to mamba_ssm's kernel).
 
 CUDA only; imported by the fused paths that use it (``hybridlm.ops.conv_ssd``), never by the CPU reference.
 """
@@ -17,13 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-# The launch shape, from benchmarks/own_kernels.py at the 500M config's (32768, 2048) on an H200: one row per
-# iteration and 8 warps, with 2-16 programs per SM, took 0.234-0.245 ms against mamba_ssm's 0.347 (one program
-# per SM); tiles of 4 or 8 rows were slower (0.27-0.52 ms at 8 warps, up to 6 ms at 4 warps: spilled registers).
-PROGRAMS_PER_SM = 8  # each program's partial weight gradient is summed after the kernel
+# The launch shape, from benchmarks/own_kernels.py at the 500M config's (32768, 2048) on an H200: with the row
+# loop software-pipelined four tiles deep, 2 programs per SM of 4 warps took 0.177 ms (mamba_ssm's 0.341); without
+# pipelining the best was 0.234-0.245 (one row per iteration, 8 warps, 2-16 programs per SM): each row's loads
+# waited for the row before. Tiles of 4 or 8 rows unpipelined were slower (0.27-0.52 ms at 8 warps, up to 6 ms at
+# 4 warps: spilled registers).
+PROGRAMS_PER_SM = 2  # each program's partial weight gradient is summed after the kernel
 BLOCK_M = 1  # rows per tile
-NUM_WARPS = 8
-STAGES = 1  # the row loop as written: each tile's loads wait for the tile before to be stored
+NUM_WARPS = 4
+STAGES = 4  # tiles of rows loaded ahead of the one computed
 
 
 @triton.jit

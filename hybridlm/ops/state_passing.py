@@ -25,13 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-# The launch shapes (state elements per program, chunks per tile, warps, pipeline stages), from
-# benchmarks/own_kernels.py --kernels state on an H200 (500M config; ms a layer at 8x4096 | 1x32768, mamba_ssm's
-# 0.099 | 0.323 each way): forward 0.098 | 0.100, backward 0.102 | 0.121. One or two warps, each thread holding
-# whole columns of a tile, so the scan over its rows stays in registers; more warps split the rows and the scan
-# goes through shared memory (2-4x slower).
-FWD_LAUNCH = (256, 4, 1, 1)
-BWD_LAUNCH = (512, 8, 1, 1)
+# The launch shape (state elements per program, chunks per tile, warps, pipeline stages), from
+# benchmarks/own_kernels.py --kernels state on an H200 (500M config; ms a layer at 8x4096 | 1x32768): forward
+# 0.099 | 0.102 against mamba_ssm's 0.099 | 0.150-0.323 (its autotuner's pick varies), backward 0.103 | 0.100
+# against 0.099 | 0.291-0.325. One or two warps, each thread holding whole columns of a tile, so the scan over its
+# rows stays in registers (more warps split the rows and the scan goes through shared memory: 2-4x slower); three
+# stages keep the next tiles' loads in flight while one is scanned (at 1x32768 one stage took 0.127 | 0.121).
+LAUNCH = (512, 4, 2, 3)
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def state_passing_fwd(
     seq_idx: torch.Tensor | None = None,
     chunk_size: int | None = None,
     out_dtype: torch.dtype | None = None,
-    launch: tuple[int, int, int, int] = FWD_LAUNCH,
+    launch: tuple[int, int, int, int] = LAUNCH,
 ) -> torch.Tensor:
     """The states entering each chunk, (batch, nchunks, nheads, dim) in ``out_dtype`` (``states``' by default),
     from each chunk's own state ``states`` (same shape, from a zero state) and its total log decay
@@ -208,7 +208,7 @@ def state_passing_bwd(
     chunk_size: int | None = None,
     dstates_dtype: torch.dtype | None = None,
     entering_dtype: torch.dtype | None = None,
-    launch: tuple[int, int, int, int] = BWD_LAUNCH,
+    launch: tuple[int, int, int, int] = LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients through ``state_passing_fwd`` from that of its output ``dentering``, given its output
     ``entering``: returns ``(dstates, ddA_partial, entering_converted)`` — the gradient of each chunk's own state
