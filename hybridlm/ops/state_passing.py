@@ -70,7 +70,8 @@ def _state_passing_fwd_kernel(
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # 64-bit offsets: a long sequence's states pass 2**31 elements (1x1048576 at the 500M config's state size)
+    pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     STATES += pid_b * stride_states_batch + pid_h * stride_states_head
     OUT += pid_b * stride_out_batch + pid_h * stride_out_head
     DA_CS += pid_b * stride_dA_cs_batch + pid_h * stride_dA_cs_head
@@ -82,7 +83,7 @@ def _state_passing_fwd_kernel(
     tl.store(OUT + offs, tl.zeros((BLOCK_DIM,), tl.float32).to(OUT.dtype.element_ty), mask=dim_mask)
     carry = tl.zeros((BLOCK_DIM,), tl.float32)  # the state leaving the tiles so far
     for start in tl.range(0, nchunks, BLOCK_C, num_stages=STAGES):
-        chunks = start + rows
+        chunks = (start + rows).to(tl.int64)
         mask = (chunks < nchunks)[:, None] & dim_mask[None, :]
         own = tl.load(STATES + chunks[:, None] * stride_states_chunk + offs[None, :], mask=mask, other=0.0)
         decay = _chunk_decay(DA_CS, SEQ_IDX, chunks, nchunks, seqlen, chunk_size, stride_dA_cs_chunk, stride_seq_idx,
@@ -114,7 +115,7 @@ def _state_passing_bwd_kernel(
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_b, pid_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     DOUT += pid_b * stride_dout_batch + pid_h * stride_dout_head
     OUT += pid_b * stride_out_batch + pid_h * stride_out_head
     DA_CS += pid_b * stride_dA_cs_batch + pid_h * stride_dA_cs_head
@@ -131,7 +132,7 @@ def _state_passing_bwd_kernel(
     # entering chunk c + 1: g_c = dout_{c+1} + exp(dA_{c+1}) g_{c+1}, and g of the last chunk is zero.
     carry = tl.zeros((BLOCK_DIM,), tl.float32)
     for end in tl.range(nchunks, 0, -BLOCK_C, num_stages=STAGES):
-        chunks = end - 1 - rows
+        chunks = (end - 1 - rows).to(tl.int64)
         valid = chunks >= 0
         mask = valid[:, None] & dim_mask[None, :]
         next_mask = (valid & (chunks + 1 < nchunks))[:, None] & dim_mask[None, :]
