@@ -656,14 +656,17 @@ def test_model_fused_matches_reference(version, dtype_name):
     assert all(r.ok for r in rows), _failures(rows)
 
 
+@pytest.mark.parametrize("launch", [None, (512, 16, 2, 1)], ids=["default launch", "tiles of 16, one stage"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "one document"])
-def test_state_passing_matches_mamba_ssm_over_many_chunks(packed):
+def test_state_passing_matches_mamba_ssm_over_many_chunks(packed, launch):
     """hybridlm's tiled state passing against mamba_ssm's chunk-by-chunk kernels at the 500M config's state size
-    (32 heads of 64 x 128) over 300 chunks of 128: tiles of 16 chunks, the last partial, with document
-    boundaries inside chunks and on a chunk's last position. Both sum in fp32, in different orders."""
+    (32 heads of 64 x 128) over 300 chunks of 128 (with tiles of 16 the last is partial), with document boundaries
+    inside chunks and on a chunk's last position. Both sum in fp32, in different orders."""
     from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd, _state_passing_fwd
 
-    from hybridlm.ops.state_passing import state_passing_bwd, state_passing_fwd
+    from hybridlm.ops import state_passing
+
+    launch = launch or state_passing.LAUNCH
 
     batch, nchunks, nheads, dim, chunk = 2, 300, 32, 64 * 128, 128
     seqlen = nchunks * chunk - 50
@@ -677,14 +680,14 @@ def test_state_passing_matches_mamba_ssm_over_many_chunks(packed):
     dentering = cuda(batch, nchunks, nheads, dim)
 
     want, _ = _state_passing_fwd(states, dA_last, seq_idx=seq_idx, chunk_size=chunk, out_dtype=FP32)
-    got = state_passing_fwd(states, dA_last, seq_idx, chunk, out_dtype=FP32)
+    got = state_passing.state_passing_fwd(states, dA_last, seq_idx, chunk, out_dtype=FP32, launch=launch)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     want_dstates, want_ddA, _, _ = _state_passing_bwd(
         want, dA_last, dentering, seq_idx=seq_idx, has_initial_states=False, dstates_dtype=FP32, states_dtype=BF16,
         chunk_size=chunk,
     )  # fmt: skip
-    dstates, ddA_partial, converted = state_passing_bwd(
-        got, dA_last, dentering, seq_idx, chunk, dstates_dtype=FP32, entering_dtype=BF16
+    dstates, ddA_partial, converted = state_passing.state_passing_bwd(
+        got, dA_last, dentering, seq_idx, chunk, dstates_dtype=FP32, entering_dtype=BF16, launch=launch
     )
     torch.testing.assert_close(dstates, want_dstates, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ddA_partial.sum(-1), want_ddA, atol=1e-3, rtol=1e-4)  # sums over 8192 elements
