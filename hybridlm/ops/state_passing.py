@@ -160,9 +160,29 @@ def _state_passing_bwd_kernel(
         carry = tl.sum(tl.where(rows[:, None] == BLOCK_C - 1, grad, 0.0), axis=0)
 
 
-def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if t.shape != shape or t.stride(-1) != 1:
-        raise ValueError(f"state passing: {name} {tuple(t.shape)} must be {shape} with unit last stride")
+def _check_inputs(
+    states: dict[str, torch.Tensor], dA_chunk_last: torch.Tensor, seq_idx: torch.Tensor | None, chunk_size: int | None
+) -> None:
+    """The shapes and strides the kernels index by, checked before anything is allocated or launched: ``states``
+    (name -> tensor) all (batch, nchunks, nheads, dim) with unit last stride, the first one's shape the contract."""
+    batch, nchunks, nheads, dim = next(iter(states.values())).shape
+    for name, t in states.items():
+        if t.shape != (batch, nchunks, nheads, dim) or t.stride(-1) != 1:
+            raise ValueError(
+                f"state passing: {name} {tuple(t.shape)} must be {(batch, nchunks, nheads, dim)} with unit last stride"
+            )
+    if dA_chunk_last.shape != (batch, nheads, nchunks):
+        raise ValueError(
+            f"state passing: dA_chunk_last {tuple(dA_chunk_last.shape)} must be {(batch, nheads, nchunks)}"
+        )
+    if seq_idx is not None:
+        if chunk_size is None:
+            raise ValueError("state passing: seq_idx needs chunk_size")
+        if seq_idx.dim() != 2 or seq_idx.shape[0] != batch or -(-seq_idx.shape[1] // chunk_size) != nchunks:
+            raise ValueError(
+                f"state passing: seq_idx {tuple(seq_idx.shape)} must be (batch {batch}, seqlen) with "
+                f"{nchunks} chunks of {chunk_size}"
+            )
 
 
 def state_passing_fwd(
@@ -178,14 +198,8 @@ def state_passing_fwd(
     ``dA_chunk_last`` (batch, nheads, nchunks). With ``seq_idx`` (batch, seqlen), a chunk whose last position
     starts a new document against the chunk before's does not receive its state (mamba_ssm's rule). ``launch``:
     (state elements per program, chunks per tile, warps, stages: tiles loaded ahead of the one scanned)."""
+    _check_inputs({"states": states}, dA_chunk_last, seq_idx, chunk_size)
     batch, nchunks, nheads, dim = states.shape
-    _check("states", states, (batch, nchunks, nheads, dim))
-    if dA_chunk_last.shape != (batch, nheads, nchunks):
-        raise ValueError(
-            f"state passing: dA_chunk_last {tuple(dA_chunk_last.shape)} must be {(batch, nheads, nchunks)}"
-        )
-    if seq_idx is not None and chunk_size is None:
-        raise ValueError("state passing: seq_idx needs chunk_size")
     out = torch.empty_like(states, dtype=out_dtype or states.dtype)
     block_dim, block_c, num_warps, stages = launch
     grid = (triton.cdiv(dim, block_dim), batch, nheads)
@@ -216,15 +230,8 @@ def state_passing_bwd(
     (in ``dstates_dtype``, ``dentering``'s by default); that of ``dA_chunk_last`` as (batch, nheads, nchunks,
     blocks) fp32 partial sums to add over the last dimension; and ``entering`` in ``entering_dtype`` (written in
     the same pass when the dtype differs, else ``entering`` itself). ``launch`` as ``state_passing_fwd``'s."""
+    _check_inputs({"entering": entering, "dentering": dentering}, dA_chunk_last, seq_idx, chunk_size)
     batch, nchunks, nheads, dim = entering.shape
-    for name, t in (("entering", entering), ("dentering", dentering)):
-        _check(name, t, (batch, nchunks, nheads, dim))
-    if dA_chunk_last.shape != (batch, nheads, nchunks):
-        raise ValueError(
-            f"state passing: dA_chunk_last {tuple(dA_chunk_last.shape)} must be {(batch, nheads, nchunks)}"
-        )
-    if seq_idx is not None and chunk_size is None:
-        raise ValueError("state passing: seq_idx needs chunk_size")
     dstates = torch.empty_like(dentering, dtype=dstates_dtype or dentering.dtype)
     convert = entering_dtype is not None and entering_dtype != entering.dtype
     converted = torch.empty_like(entering, dtype=entering_dtype) if convert else entering

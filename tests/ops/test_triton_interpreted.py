@@ -175,6 +175,12 @@ def test_state_passing_stores_in_the_asked_dtype(kernels):
     assert same is got and dstates.dtype == torch.float32
 
 
-def test_state_passing_refuses_mismatched_decays(kernels):
+def test_state_passing_refuses_inputs_its_kernels_would_misread(kernels):
+    module = kernels["state_passing"]
+    states, dA_last = torch.zeros(1, 6, 2, 8), torch.zeros(1, 2, 6)
     with pytest.raises(ValueError, match=r"dA_chunk_last \(1, 2, 5\) must be \(1, 2, 6\)"):
-        kernels["state_passing"].state_passing_fwd(torch.zeros(1, 6, 2, 8), torch.zeros(1, 2, 5))
+        module.state_passing_fwd(states, torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match=r"seq_idx \(1, 40\) must be .* 6 chunks of 4"):
+        module.state_passing_fwd(states, dA_last, torch.zeros(1, 40, dtype=torch.int32), chunk_size=4)
+    with pytest.raises(ValueError, match=r"dentering \(1, 6, 2, 4\) must be \(1, 6, 2, 8\)"):
+        module.state_passing_bwd(states, dA_last, torch.zeros(1, 6, 2, 4))
