@@ -233,6 +233,12 @@ for phase in "${phases[@]}"; do
         --variants "kept chunk 128,kept upstream state passing" --each-error
       run bench-train 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    linears)  # layers sharing an input summing their input gradient in the GEMMs: GPU tests, then the lever's ablation
+      run linears-tests 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "linears or model_fused_matches_reference or captured_step and 2"
+      run bench-linears 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate linears --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     attnlayouts)  # causal attention's cost by the layout of q, k, v (views, packed, contiguous), both shapes
       run attn-layouts 150 python3 benchmarks/attention_layouts.py $CFG --shapes 1x32768,8x4096 ;;
     clocks)  # SM clock and board power while each system trains at each shape: is a step bound by the power limit?

@@ -46,7 +46,7 @@ REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over
 # The doubling search stops here (twice the 131072-token target), bounding its time: attention is O(T^2)
 LONGEST_LIMIT = 1 << 18
 # Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
-LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy")
+LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy", "linears")
 # The step's own levers: ``measure_training``'s arguments that turn each off
 HARNESS_LEVERS_OFF = {
     "fused_adamw": {"fused_optimizer": False},

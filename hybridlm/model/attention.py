@@ -31,9 +31,9 @@ class Attention(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
     ) -> torch.Tensor:
-        q = self.q_proj(h).unflatten(-1, (self.n_heads, self.head_dim))  # (batch, seqlen, heads, head_dim)
-        k = self.k_proj(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = self.v_proj(h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q, k, v = ops.linears(h, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))  # (batch, seqlen, heads, head_dim)
+        k, v = (t.unflatten(-1, (self.n_kv_heads, self.head_dim)) for t in (k, v))
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         query_start = None

@@ -29,5 +29,5 @@ class MLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(ops.swiglu(self.gate_proj(h), self.up_proj(h)))
+            return self.down_proj(ops.swiglu(*ops.linears(h, (self.gate_proj, self.up_proj))))
         return self.down_proj(self.act(self.up_proj(h)))

@@ -19,6 +19,7 @@ from hybridlm.ops import conv_ssd as _conv_ssd
 from hybridlm.ops import layout as _layout
 from hybridlm.ops import norm as _norm
 from hybridlm.ops import selective as _s6
+from hybridlm.ops import shared_input as _shared_input
 from hybridlm.ops import ssd as _ssd
 from hybridlm.ops.dispatch import choose, kernel_table, reference_kernels, reference_ops, set_kernels
 
@@ -31,6 +32,7 @@ __all__ = [
     "cross_entropy",
     "gated_rms_norm",
     "kernel_table",
+    "linears",
     "reference_kernels",
     "reference_ops",
     "rms_norm",
@@ -196,6 +198,15 @@ def swiglu(gate, up) -> torch.Tensor:
     """``silu(gate) * up``, the gated MLP's activation."""
     impl = _compiled.swiglu_fused if choose("swiglu", gate.device) == "fused" else _compiled.swiglu_ref
     return impl(gate, up)
+
+
+def linears(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+    """Each of ``layers`` (linear layers) applied to ``x``. Fused: one op whose backward adds the products that
+    make ``x``'s gradient inside their GEMMs; layers other than a plain ``nn.Linear`` (peft's LoRA layers, a
+    layer with hooks, as under ZeRO-3) run as modules."""
+    if choose("linears", x.device) == "fused" and all(_shared_input.plain_linear(m) for m in layers):
+        return _shared_input.shared_input_linears(x, [m.weight for m in layers], [m.bias for m in layers])
+    return tuple(m(x) for m in layers)
 
 
 def cross_entropy(logits, targets, ignore_index: int = -100) -> torch.Tensor:

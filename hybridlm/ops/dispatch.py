@@ -9,7 +9,8 @@ SDPA, which is torch's own fused kernel on every device. The choice is logged on
 Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``): their reference is the chain of the
 simpler ops, each dispatched on its own, so forcing only the composite to its reference measures
 exactly what fusing it gains. ``add_rms_norm``, ``swiglu`` and ``rotary`` are fused by ``torch.compile``
-(Inductor writes the Triton kernels); ``cross_entropy`` runs Triton kernels of hybridlm's own.
+(Inductor writes the Triton kernels); ``cross_entropy`` runs Triton kernels of hybridlm's own; ``linears``
+(layers sharing an input) adds their input gradients in torch's GEMMs instead of kernels of their own.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("triton",),  # hybridlm's kernels: ops/triton_cross_entropy.py
     "rotary": ("triton",),  # torch.compile
     "attention": ("flash_attn",),
+    "linears": ("torch",),  # ops/shared_input.py: torch's GEMMs, the input's gradient summed in their epilogues
 }
 OPS = tuple(FUSED_PACKAGES)
 # how the kernel tables name a fused path whose package does not say who wrote its kernels
@@ -48,6 +50,7 @@ FUSED_NAMES = {
     "swiglu": "torch.compile",
     "rotary": "torch.compile",
     "cross_entropy": "Triton (hybridlm)",
+    "linears": "GEMM-epilogue gradient sum (hybridlm)",
 }
 COMPOSITE_OPS = ("add_rms_norm", "conv_ssd_scan")  # unfused, they run the simpler ops (each dispatched)
 

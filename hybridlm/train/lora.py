@@ -6,11 +6,13 @@ keeps its class and forward signature). Adapted layers become ``peft`` LoRA laye
 ``merge_lora`` folds the adapters back in and restores the base parameter names; ``merge_lora_weights``
 does the same on a gathered state dict (what a ZeRO checkpoint holds).
 
-LoRA works on the fused kernel path because the layers it may target are always *called* as modules
-(``self.in_proj(h)``, ``self.x_proj(x)``, ``self.out_proj(y)``, ``self.q_proj(h)``, ...), so the
-adapter's forward runs whatever kernel follows. Two layers are read by their weight instead and are
-refused: ``conv1d`` (its weight goes to the causal-conv kernel) and Mamba-1's ``dt_proj`` (its weight
-goes to ``F.linear`` and its bias into the scan as the Δ bias). So is an LM head tied to the embedding
+LoRA works on the fused kernel path because the layers it may target are *called* as modules
+(``self.in_proj(h)``, ``self.x_proj(x)``, ``self.out_proj(y)``, ...), so the adapter's forward runs
+whatever kernel follows; the layers that share an input (q / k / v, gate / up) go through
+``ops.linears``, which calls them as modules as soon as one of them is not a plain ``nn.Linear``.
+Two layers are read by their weight instead and are refused: ``conv1d`` (its weight goes to the
+causal-conv kernel) and Mamba-1's ``dt_proj`` (its weight goes to ``F.linear`` and its bias into the
+scan as the Δ bias). So is an LM head tied to the embedding
 (the embedding would see the base weight only).
 """
 

@@ -33,7 +33,8 @@ orders of magnitude, so they are compared relative to their largest entry).
                autotuning lists, fp32 chunk states, mamba_ssm's
                state passing)
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
-               swiglu, rotary (torch.compile), cross_entropy          bf16   2e-2   2e-2   2e-2
+               swiglu, rotary (torch.compile), cross_entropy,         bf16   2e-2   2e-2   2e-2
+               linears (GEMM-epilogue gradient sum)
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
     model                                                             bf16   1e-1   5e-2   5e-2
 
@@ -461,6 +462,29 @@ def case_swiglu(dtype):
     return Case("norm", swiglu_fused, swiglu_ref, inputs, grads=("gate", "up"))
 
 
+def case_linears(dtype, autocast: bool = False):
+    """Three linear layers of one input (q / k / v-like, one without bias); ``autocast``: fp32 weights under bf16
+    autocast (the eager training step), else weights in ``dtype``."""
+    from hybridlm.ops.shared_input import shared_input_linears, shared_input_linears_ref
+
+    wdt = FP32 if autocast else dtype
+    inputs = {"x": cuda(2, 64, 256, dtype=dtype)}
+    inputs |= {f"w{i}": cuda(n, 256, dtype=wdt, scale=0.05) for i, n in enumerate((256, 128, 128))}
+    inputs |= {"b0": cuda(256, dtype=wdt), "b1": cuda(128, dtype=wdt)}
+
+    def run(impl):
+        def fn(x, w0, w1, w2, b0, b1):
+            with torch.autocast("cuda", dtype=BF16, enabled=autocast):
+                return impl(x, [w0, w1, w2], [b0, b1, None])
+
+        return fn
+
+    return Case(
+        "norm", run(shared_input_linears), run(shared_input_linears_ref), inputs, grads=tuple(inputs),
+        differentiable_outputs=(0, 1, 2),
+    )  # fmt: skip
+
+
 def case_rotary(dtype):
     """Partial RoPE (half of each head rotated), positions restarting mid-row as in packed rows."""
     positions = torch.cat([torch.arange(40), torch.arange(24)]).repeat(2, 1).cuda()
@@ -519,6 +543,8 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs eager decay grad]": lambda dt: case_conv_ssd_scan(dt, baseline="compiled_decay_grad"),
     "conv_ssd_scan[seq_idx,vs upstream state passing]": lambda dt: case_conv_ssd_scan(dt, baseline="own_state_passing"),
     "swiglu": case_swiglu,
+    "linears": case_linears,
+    "linears[autocast]": lambda dt: case_linears(dt, autocast=True),
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
     "cross_entropy[padded rows]": lambda dt: case_cross_entropy(dt, padded_rows=True),
@@ -527,6 +553,8 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
 
 def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
+    if name == "linears[autocast]" and dtype == FP32:
+        return "autocast computes in bf16: the bf16 case covers it"
     if name.startswith("flash"):
         if not FLASH:
             return "flash_attn not importable"
