@@ -239,6 +239,11 @@ for phase in "${phases[@]}"; do
         -k "linears or model_fused_matches_reference or captured_step and 2"
       run bench-linears 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate linears --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    rotarytable)  # rotary from a per-token cos / sin table: GPU tests (the op, cached and graphed decoding), the lever
+      run rotary-tests 240 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        --durations=5 -k "rotary or cached_decoding or graphed_decoding"
+      run bench-rotary 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate rotary --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     attnlayouts)  # causal attention's cost by the layout of q, k, v (views, packed, contiguous), both shapes
       run attn-layouts 150 python3 benchmarks/attention_layouts.py $CFG --shapes 1x32768,8x4096 ;;
     clocks)  # SM clock and board power while each system trains at each shape: is a step bound by the power limit?
