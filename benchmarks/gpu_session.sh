@@ -244,6 +244,9 @@ for phase in "${phases[@]}"; do
         --durations=5 -k "rotary or cached_decoding or graphed_decoding"
       run bench-rotary 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate rotary --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    graphprof)  # the graphed step's kernel profile at 8x4096 (after a phase that leaves time)
+      run prof-graph 100 python3 benchmarks/profile_step.py $CFG --graph --top 60 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json ;;
     attnlayouts)  # causal attention's cost by the layout of q, k, v (views, packed, contiguous), both shapes
       run attn-layouts 150 python3 benchmarks/attention_layouts.py $CFG --shapes 1x32768,8x4096 ;;
     clocks)  # SM clock and board power while each system trains at each shape: is a step bound by the power limit?
