@@ -249,21 +249,11 @@ for phase in "${phases[@]}"; do
       rm -f "$OUT"/prof*/*.json ;;
     attnlayouts)  # causal attention's cost by the layout of q, k, v (views, packed, contiguous), both shapes
       run attn-layouts 150 python3 benchmarks/attention_layouts.py $CFG --shapes 1x32768,8x4096 ;;
-    clocks)  # SM clock and board power while each system trains at each shape: is a step bound by the power limit?
+    clocks)  # SM clock and board power while each system trains at each shape: is a step held at the power limit?
       for sys in hybridlm mamba_ssm; do
         for shape in 8x4096 1x32768; do
-          nvidia-smi --query-gpu=clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits -lms 100 \
-            >"$OUT/smi-$sys-$shape.csv" &
-          smi=$!
-          run clocks-$sys-$shape 200 python3 -m hybridlm bench $CFG --shapes $shape --systems $sys --warmup 3 --steps 15 \
-            --out "$OUT/bench.jsonl"
-          kill $smi
-          python3 -c 'import sys, statistics as st
-rows = [[float(x) for x in line.split(",")] for line in open(sys.argv[1]) if line.replace(",", "").replace(".", "").split() and all(f.strip().replace(".", "").isdigit() for f in line.split(",")) and line.count(",") == 2]
-busy = [r for r in rows if r[2] >= 95] or [[0, 0, 0]]
-clock, power = sorted(r[0] for r in busy), sorted(r[1] for r in busy)
-print(f"   {sys.argv[1]}: {len(busy)} busy samples (>= 95%): SM clock median {st.median(clock):.0f} MHz, p10 {clock[len(clock) // 10]:.0f}; "
-      f"power median {st.median(power):.0f} W, p90 {power[9 * len(power) // 10]:.0f}")' "$OUT/smi-$sys-$shape.csv"
+          run clocks-$sys-$shape 200 python3 benchmarks/power_sample.py --csv "$OUT/smi-$sys-$shape.csv" -- \
+            python3 -m hybridlm bench $CFG --shapes $shape --systems $sys --warmup 3 --steps 15 --out "$OUT/bench.jsonl"
         done
       done ;;
     *) echo "unknown phase $phase" ;;
