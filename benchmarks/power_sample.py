@@ -13,6 +13,7 @@ not dilute the medians; the whole process is sampled, so run one system and shap
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,12 +78,15 @@ def main() -> int:
             stdout=out,
         )
         try:
-            rc = subprocess.call(command)
+            sampled = subprocess.Popen(command)
+            # a time limit's SIGTERM (gpu_session.sh's `timeout`) stops the command, then the sampler, then reports
+            signal.signal(signal.SIGTERM, lambda signum, frame: sampled.terminate())
+            rc = sampled.wait()
         finally:
             sampler.terminate()
             sampler.wait()
     print(f"{args.csv}: {describe(summarize(parse_samples(args.csv.read_text().splitlines()), args.busy), args.busy)}")
-    return rc
+    return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
 
 
 if __name__ == "__main__":

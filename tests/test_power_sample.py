@@ -4,8 +4,10 @@ runs and its exit code comes back (with a stand-in for nvidia-smi, so no GPU is 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,14 +36,18 @@ def test_summary_counts_busy_samples_only(power):
     assert "no sample" in power.describe(None, 95.0)
 
 
-def test_wraps_the_command_and_returns_its_exit_code(tmp_path):
+def _fake_nvidia_smi(tmp_path: Path) -> dict[str, str]:
+    """An environment whose nvidia-smi prints two samples, then waits to be stopped, as the real one loops."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    smi = fake / "nvidia-smi"  # prints two samples, then waits to be stopped, as the real one loops
+    smi = fake / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho '1700, 690.0, 100'\necho '1710, 688.0, 99'\nexec sleep 30\n")
     smi.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
-    csv = tmp_path / "smi.csv"
+    return {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_wraps_the_command_and_returns_its_exit_code(tmp_path):
+    env, csv = _fake_nvidia_smi(tmp_path), tmp_path / "smi.csv"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/power_sample.py"), "--csv", str(csv), "--",
          sys.executable, "-c", "import time, sys; time.sleep(0.5); sys.exit(3)"],
@@ -50,3 +56,21 @@ def test_wraps_the_command_and_returns_its_exit_code(tmp_path):
     assert done.returncode == 3, done.stderr
     assert "2 busy samples" in done.stdout and "SM clock median 1705 MHz" in done.stdout
     assert "power median 689 W" in done.stdout
+
+
+def test_a_time_limit_stops_the_command_and_the_sampler_and_still_reports(tmp_path):
+    env, csv = _fake_nvidia_smi(tmp_path), tmp_path / "smi.csv"
+    wrapper = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks/power_sample.py"), "--csv", str(csv), "--",
+         sys.executable, "-c", "import time; time.sleep(60)"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (csv.exists() and csv.read_text().count("\n") >= 2):  # the sampler has started
+        assert time.monotonic() < deadline and wrapper.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)  # the wrapped command has started by now
+    wrapper.send_signal(signal.SIGTERM)  # what `timeout` sends
+    out, _ = wrapper.communicate(timeout=20)  # returns well before the command's 60 s: it was stopped
+    assert wrapper.returncode == 128 + signal.SIGTERM
+    assert "2 busy samples" in out
