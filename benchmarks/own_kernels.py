@@ -138,24 +138,21 @@ def head_loss_variants(tokens: int, d_model: int, vocab: int, padded_vocab: int,
     def unfused():
         return triton_cross_entropy.cross_entropy_triton((hidden @ weight.t())[:, :vocab], targets)
 
-    def ours(one_pass_max, warps):
+    def ours(per_sm, block, warps):
         def loss():
-            head_loss.ONE_PASS_MAX, head_loss.ONE_PASS_WARPS = one_pass_max, warps
+            head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS = per_sm, block, warps
             try:
                 return head_loss.linear_cross_entropy_fused(hidden, weight, targets, vocab)
             finally:
-                head_loss.ONE_PASS_MAX, head_loss.ONE_PASS_WARPS = defaults
+                head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS = defaults
 
         return fwd_bwd(loss)
 
-    defaults = (head_loss.ONE_PASS_MAX, head_loss.ONE_PASS_WARPS)
+    defaults = (head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS)
     variants = {"head GEMM + triton_cross_entropy": fwd_bwd(unfused)}
-    shapes = (
-        [defaults] if quick else [(head_loss.ONE_PASS_MAX, w) for w in (8, 16, 32)] + [(0, head_loss.TWO_PASS_WARPS)]
-    )
-    for one_pass_max, warps in shapes:
-        name = f"head_loss one pass, {warps} warps" if one_pass_max >= padded_vocab else "head_loss two passes"
-        variants[name] = ours(one_pass_max, warps)
+    shapes = [defaults] if quick else itertools.product((1, 2, 4, 256), (4096, 8192, 16384), (8, 16, 32))
+    for per_sm, block, warps in shapes:
+        variants[f"head_loss {per_sm}/SM block {block} warps {warps}"] = ours(per_sm, block, warps)
     return variants
 
 

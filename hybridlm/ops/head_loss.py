@@ -4,11 +4,10 @@ Unfused (``ops.cross_entropy`` after the head's GEMM), the loss reads the (token
 for the log-sum-exp, and again in its backward to write ``(softmax - onehot) * grad`` into a second buffer as
 large: at the 500M config's 8x4096 step, 3.3 GB read twice and written once besides the GEMMs'. The backward
 waits for the upstream gradient; a scalar, it can wait until after the GEMMs instead. So here one kernel reads
-each row once, keeps it on chip (the row fits in a program's registers up to ``ONE_PASS_MAX`` logits), and
-overwrites it in place with ``softmax - onehot``: the logits' buffer becomes their gradient's, one read and one
-write of it, and the backward's two GEMMs (d hidden = G W, d weight = Gᵀ hidden) are scaled by the upstream
-gradient afterwards, on their small outputs. Rows wider than ``ONE_PASS_MAX`` take two passes over the row (the
-second from L2 where it still holds the row).
+each row and overwrites it in place with ``softmax - onehot``: the logits' buffer becomes their gradient's, and
+the backward's two GEMMs (d hidden = G W, d weight = Gᵀ hidden) are scaled by the upstream gradient afterwards,
+on their small outputs. The kernel passes over a row twice (the log-sum-exp, then the gradient); with few rows in
+flight the second pass can find the row in L2, so that the logits cross device memory once each way.
 
 The logits are gone after the forward, so the op does not return them. Gradients are those of
 ``ops.cross_entropy`` over the head's logits except where rounding happens: G is rounded to the logits' dtype
@@ -23,37 +22,31 @@ import torch
 import triton
 import triton.language as tl
 
-ONE_PASS_MAX = 65536  # logits a row may have to be held in registers (64 per thread at 32 warps)
-ONE_PASS_WARPS = 32
-TWO_PASS_BLOCK = 4096  # logits per iteration of the two-pass loop (as triton_cross_entropy's)
-TWO_PASS_WARPS = 4
+# Launch shape: a persistent grid of PROGRAMS_PER_SM programs per SM, each walking rows. Few rows in flight at once
+# (~100 KB each at a 50k vocabulary) is what lets the second pass over a row find it in L2.
+PROGRAMS_PER_SM = 2
+BLOCK = 8192  # logits per iteration of a row's loops
+NUM_WARPS = 16
+CPU_PROGRAMS = 4  # under Triton's interpreter (CPU tests): several rows per program, as on a GPU
 
 
 @triton.jit
 def _loss_and_grad_kernel(
     LOGITS, TARGETS, LOSS,
-    n_vocab, n_cols, stride_row, ignore_index,
-    BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+    n_rows, n_vocab, n_cols, stride_row, ignore_index,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id``'s loss into LOSS, and its logits overwritten with ``softmax - onehot`` (zero for an
-    ignored row, and in the columns from ``n_vocab`` to ``n_cols``, the head's padding)."""
-    row = tl.program_id(0).to(tl.int64)
-    row_logits = LOGITS + row * stride_row
+    """Each row's loss into LOSS, and its logits overwritten with ``softmax - onehot`` (zero for an ignored row,
+    and in the columns from ``n_vocab`` to ``n_cols``, the head's padding): an online log-sum-exp over the row,
+    then a second pass writing the gradient."""
     cols = tl.arange(0, BLOCK)
-    target = tl.load(TARGETS + row)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < n_vocab)  # unchecked on the host (a sync); a bad id reads NaN, not memory
-    keep = tl.where(valid, 1.0, 0.0)
-    if ONE_PASS:
-        x = tl.load(row_logits + cols, mask=cols < n_vocab, other=-float("inf")).to(tl.float32)
-        row_max = tl.max(x, axis=0)
-        e = tl.exp(x - row_max)
-        total = tl.sum(e, axis=0)
-        lse = row_max + tl.log(total)
-        target_logit = tl.sum(tl.where(cols == target, x, 0.0), axis=0)
-        grad = e * (1.0 / total) - tl.where(cols == target, 1.0, 0.0)
-        tl.store(row_logits + cols, (grad * keep).to(LOGITS.dtype.element_ty), mask=cols < n_cols)
-    else:
+    first, programs = tl.program_id(0), tl.num_programs(0)
+    for i in range(0, tl.cdiv(n_rows - first, programs)):
+        row = (first + i * programs).to(tl.int64)
+        row_logits = LOGITS + row * stride_row
+        target = tl.load(TARGETS + row)
+        valid = target != ignore_index
+        in_range = (target >= 0) & (target < n_vocab)  # unchecked on the host (a sync); a bad id gives NaN
         running_max = -float("inf")
         running_sum = 0.0
         for start in range(0, n_vocab, BLOCK):
@@ -62,15 +55,14 @@ def _loss_and_grad_kernel(
             running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(x - block_max), axis=0)
             running_max = block_max
         lse = running_max + tl.log(running_sum)
-        target_logit = tl.load(row_logits + tl.where(valid & in_range, target, 0)).to(
-            tl.float32
-        )  # before it's overwritten
+        target_logit = tl.load(row_logits + tl.where(valid & in_range, target, 0)).to(tl.float32)  # before the writes
+        keep = tl.where(valid, 1.0, 0.0)
         for start in range(0, n_cols, BLOCK):
             offsets = start + cols
             x = tl.load(row_logits + offsets, mask=offsets < n_vocab, other=-float("inf")).to(tl.float32)
             grad = tl.exp(x - lse) - tl.where(offsets == target, 1.0, 0.0)
             tl.store(row_logits + offsets, (grad * keep).to(LOGITS.dtype.element_ty), mask=offsets < n_cols)
-    tl.store(LOSS + row, tl.where(valid, tl.where(in_range, lse - target_logit, float("nan")), 0.0))
+        tl.store(LOSS + row, tl.where(valid, tl.where(in_range, lse - target_logit, float("nan")), 0.0))
 
 
 def loss_and_grad_in_place(
@@ -83,11 +75,14 @@ def loss_and_grad_in_place(
         raise ValueError(f"loss_and_grad_in_place: the logits' rows must be contiguous, got strides {logits.stride()}")
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        one_pass = n_cols <= ONE_PASS_MAX
-        block = triton.next_power_of_2(n_cols) if one_pass else TWO_PASS_BLOCK
-        _loss_and_grad_kernel[(rows,)](
-            logits, targets.contiguous(), loss, n_vocab, n_cols, logits.stride(0), ignore_index,
-            BLOCK=block, ONE_PASS=one_pass, num_warps=ONE_PASS_WARPS if one_pass else TWO_PASS_WARPS,
+        if logits.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
+            programs = min(rows, PROGRAMS_PER_SM * sms)
+        else:
+            programs = min(rows, CPU_PROGRAMS)
+        _loss_and_grad_kernel[(programs,)](
+            logits, targets.contiguous(), loss, rows, n_vocab, n_cols, logits.stride(0), ignore_index,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return loss
 

@@ -514,13 +514,14 @@ def case_cross_entropy(dtype, padded_rows: bool = False):
     return Case("norm", run(cross_entropy_triton), run(cross_entropy_ref), inputs, grads=("logits",))
 
 
-def case_linear_cross_entropy(dtype, autocast: bool = False, two_pass: bool = False):
+def case_linear_cross_entropy(dtype, autocast: bool = False, one_program_per_row: bool = False):
     """The LM head + loss (gradient written in the forward) against the head's GEMM then ``cross_entropy_ref``:
-    a padded head (columns past the vocabulary), ignored positions, the mean's upstream scale. ``autocast``: fp32
-    hidden and weight under bf16 autocast (the eager training step); ``two_pass``: rows too wide for registers."""
+    a padded head (columns past the vocabulary, rows spanning two and a bit of the kernel's blocks), ignored
+    positions, the mean's upstream scale. ``autocast``: fp32 hidden and weight under bf16 autocast (the eager
+    training step); ``one_program_per_row``: the launch without the persistent grid's row loop."""
     from hybridlm.ops import head_loss as module  # imports triton
 
-    vocab = 2 * module.TWO_PASS_BLOCK + 123
+    vocab = 2 * module.BLOCK + 123
     targets = torch.randint(0, vocab, (256,), device="cuda")
     targets[::7] = -100  # ignored positions
     wdt = FP32 if autocast else dtype
@@ -528,13 +529,13 @@ def case_linear_cross_entropy(dtype, autocast: bool = False, two_pass: bool = Fa
     scale = 1.0 / (targets != -100).sum()
 
     def fused(hidden, weight):
-        before = module.ONE_PASS_MAX
-        module.ONE_PASS_MAX = 1024 if two_pass else before
+        before = module.PROGRAMS_PER_SM
+        module.PROGRAMS_PER_SM = 256 if one_program_per_row else before
         try:
             with torch.autocast("cuda", dtype=BF16, enabled=autocast):
                 return module.linear_cross_entropy_fused(hidden, weight, targets, vocab) * scale
         finally:
-            module.ONE_PASS_MAX = before
+            module.PROGRAMS_PER_SM = before
 
     def reference(hidden, weight):
         with torch.autocast("cuda", dtype=BF16, enabled=autocast):
@@ -579,7 +580,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "cross_entropy": case_cross_entropy,
     "cross_entropy[padded rows]": lambda dt: case_cross_entropy(dt, padded_rows=True),
     "linear_cross_entropy": case_linear_cross_entropy,
-    "linear_cross_entropy[two passes]": lambda dt: case_linear_cross_entropy(dt, two_pass=True),
+    "linear_cross_entropy[one program per row]": lambda dt: case_linear_cross_entropy(dt, one_program_per_row=True),
     "linear_cross_entropy[autocast]": lambda dt: case_linear_cross_entropy(dt, autocast=True),
 }
 
