@@ -256,16 +256,6 @@ for phase in "${phases[@]}"; do
             python3 -m hybridlm bench $CFG --shapes $shape --systems $sys --warmup 3 --steps 15 --out "$OUT/bench.jsonl"
         done
       done ;;
-    headloss)  # the LM head + loss writing its gradient forward: GPU tests, the kernel's launch shapes, the lever
-      run headloss-tests 150 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        --durations=5 -k "linear_cross_entropy or model_fused_matches"
-      run sweep-head 90 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 --kernels head
-      run bench-headloss 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
-        --ablate linear_cross_entropy --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
-    headsweep)  # the head + loss kernel's persistent launch shapes, and its GPU tests
-      run headloss-tests 120 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        --durations=5 -k "linear_cross_entropy"
-      run sweep-head 200 python3 benchmarks/own_kernels.py $CFG --shape 8x4096 --kernels head ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -1,8 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
-``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/head_loss.py`` and ``hybridlm/ops/state_passing.py``.
+``hybridlm/ops/triton_cross_entropy.py`` and ``hybridlm/ops/state_passing.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,head,state] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, gated_norm_bwd, head_loss, state_passing, triton_cross_entropy
+from hybridlm.ops import compiled, gated_norm_bwd, state_passing, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -117,45 +117,6 @@ def loss_variants(tokens: int, vocab: int, quick: bool) -> dict[str, Callable]:
     return variants
 
 
-def head_loss_variants(tokens: int, d_model: int, vocab: int, padded_vocab: int, quick: bool) -> dict[str, Callable]:
-    """The LM head's GEMM and the loss, forward + backward to the hidden states and the weight (bf16, as the
-    graphed step casts them): the head then ``triton_cross_entropy``, against ``head_loss`` (gradient written in
-    the forward) over its launch shapes."""
-    dev, bf16 = "cuda", torch.bfloat16
-    hidden = torch.randn(tokens, d_model, device=dev, dtype=bf16).requires_grad_()
-    weight = (torch.randn(padded_vocab, d_model, device=dev) * 0.05).to(bf16).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), device=dev)
-    upstream = torch.tensor(1.0 / tokens, device=dev)
-
-    def fwd_bwd(loss_fn):
-        def run():
-            loss = loss_fn()
-            dhidden, dweight = torch.autograd.grad(loss, (hidden, weight), upstream)
-            return loss.detach(), dhidden, dweight
-
-        return run
-
-    def unfused():
-        return triton_cross_entropy.cross_entropy_triton((hidden @ weight.t())[:, :vocab], targets)
-
-    def ours(per_sm, block, warps):
-        def loss():
-            head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS = per_sm, block, warps
-            try:
-                return head_loss.linear_cross_entropy_fused(hidden, weight, targets, vocab)
-            finally:
-                head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS = defaults
-
-        return fwd_bwd(loss)
-
-    defaults = (head_loss.PROGRAMS_PER_SM, head_loss.BLOCK, head_loss.NUM_WARPS)
-    variants = {"head GEMM + triton_cross_entropy": fwd_bwd(unfused)}
-    shapes = [defaults] if quick else itertools.product((1, 2, 4, 256), (4096, 8192, 16384), (8, 16, 32))
-    for per_sm, block, warps in shapes:
-        variants[f"head_loss {per_sm}/SM block {block} warps {warps}"] = ours(per_sm, block, warps)
-    return variants
-
-
 def state_passing_variants(
     batch: int, seqlen: int, nheads: int, dim: int, chunk: int, quick: bool
 ) -> tuple[dict[str, Callable], dict[str, Callable]]:
@@ -217,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
         report("norm", norm_variants(tokens, d_inner, width, args.quick))
     if "loss" in kernels:
         report("loss", loss_variants(tokens, cfg.vocab_size, args.quick))
-    if "head" in kernels:
-        report("head", head_loss_variants(tokens, cfg.d_model, cfg.vocab_size, cfg.padded_vocab_size, args.quick))
     if "state" in kernels:
         dim = cfg.mamba.head_dim * cfg.mamba.d_state
         fwd, bwd = state_passing_variants(batch, seqlen, cfg.mamba_n_heads, dim, cfg.mamba.chunk_size, args.quick)

@@ -46,9 +46,7 @@ REFERENCE_SYSTEM = "hybridlm"  # the ratio column is this system's tokens/s over
 # The doubling search stops here (twice the 131072-token target), bounding its time: attention is O(T^2)
 LONGEST_LIMIT = 1 << 18
 # Fused ops that ``--ablate`` turns off one at a time (each runs its unfused reference composition)
-LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy", "linears", "linear_cross_entropy")
-# Ops a lever forces to their reference beside its own: the fused head + loss never calls ``cross_entropy``
-LEVER_OPS = {"cross_entropy": ("cross_entropy", "linear_cross_entropy")}
+LEVERS = ("conv_ssd_scan", "add_rms_norm", "swiglu", "rotary", "cross_entropy", "linears")
 # The step's own levers: ``measure_training``'s arguments that turn each off
 HARNESS_LEVERS_OFF = {
     "fused_adamw": {"fused_optimizer": False},
@@ -356,7 +354,7 @@ def ablation_rows(
             continue
         for batch, seq_len in shapes:
             if lever in LEVERS:
-                with ops.reference_ops(*LEVER_OPS.get(lever, (lever,))):
+                with ops.reference_ops(lever):
                     row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
             else:
                 row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, **HARNESS_LEVERS_OFF[lever])

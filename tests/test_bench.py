@@ -235,11 +235,7 @@ def test_ablation_turns_each_lever_off_while_it_is_measured(monkeypatch):
     monkeypatch.setattr(bench, "training_graph_unsupported", lambda cfg, device, stage: None)  # as on a GPU
     rows = list(bench.ablation_rows(ModelConfig.from_dict(BENCH_MODEL), [(2, SEQ)], 0, 1, torch.device("cpu")))
     harness = [(set(), False, True, True), (set(), True, False, True), (set(), True, True, False)]
-    # the loss's lever turns the fused head + loss off too: it would not call cross_entropy
-    forced = [
-        {"cross_entropy", "linear_cross_entropy"} if lever == "cross_entropy" else {lever} for lever in bench.LEVERS
-    ]
-    assert seen == [(ops, True, True, True) for ops in forced] + harness
+    assert seen == [({lever}, True, True, True) for lever in bench.LEVERS] + harness
     levers = [*bench.LEVERS, "fused_adamw", "cuda_graph", "cast_once"]
     assert [r["system"] for r in rows] == [f"hybridlm -{lever}" for lever in levers]
     assert [r["without"] for r in rows] == levers

@@ -36,9 +36,7 @@ OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj")
 
 @dataclass
 class LMOutput:
-    # (batch, seqlen, vocab_size); None when the loss was computed in chunks, or by the fused LM head + loss of a
-    # training step (CUDA), which overwrites them with their gradient
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None  # (batch, seqlen, vocab_size); None when the loss was computed in chunks
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss summed over MoE layers (unweighted)
 
@@ -101,12 +99,6 @@ class HybridLM(nn.Module):
             return LMOutput(None, loss, aux_loss)
         if num_last_tokens:
             h = h[:, -num_last_tokens:]
-        if labels is not None and self.training and torch.is_grad_enabled():
-            # a training step: the fused head + loss writes the logits' gradient over them and returns no logits
-            targets = next_token_targets(labels)
-            summed, logits = ops.linear_cross_entropy(h.flatten(0, 1), self.lm_head, targets, self.cfg.vocab_size)
-            logits = None if logits is None else logits.unflatten(0, h.shape[:2])
-            return LMOutput(logits, summed / (targets != -100).sum().clamp_min(1), aux_loss)
         logits = self.lm_head(h)[..., : self.cfg.vocab_size]
         loss = None
         if labels is not None:

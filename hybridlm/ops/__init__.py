@@ -32,7 +32,6 @@ __all__ = [
     "cross_entropy",
     "gated_rms_norm",
     "kernel_table",
-    "linear_cross_entropy",
     "linears",
     "reference_kernels",
     "reference_ops",
@@ -217,19 +216,3 @@ def cross_entropy(logits, targets, ignore_index: int = -100) -> torch.Tensor:
 
         return cross_entropy_triton(logits, targets, ignore_index)
     return _compiled.cross_entropy_ref(logits, targets, ignore_index)
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor, head, targets: torch.Tensor, vocab_size: int, ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of the logits ``head(hidden)[:, :vocab_size]`` ((tokens, d) hidden, a linear layer
-    without bias) against (tokens,) ``targets``, and those logits, or None where the fused path ran: it
-    overwrites them with their gradient (ops/head_loss.py). A head other than a plain ``nn.Linear``
-    (LoRA, ZeRO-3's hooks) runs as a module, then ``cross_entropy``."""
-    fused = choose("linear_cross_entropy", hidden.device) == "fused"
-    if fused and _shared_input.plain_linear(head) and head.bias is None:
-        from hybridlm.ops.head_loss import linear_cross_entropy_fused  # imports triton: CUDA only
-
-        return linear_cross_entropy_fused(hidden, head.weight, targets, vocab_size, ignore_index), None
-    logits = head(hidden)[:, :vocab_size]
-    return cross_entropy(logits, targets, ignore_index), logits

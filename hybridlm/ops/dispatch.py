@@ -6,11 +6,10 @@ named in ``reference_ops`` (one lever off at a time, for ablations), its input l
 packages that provide the kernel import. Attention is the exception: without flash-attn it uses torch
 SDPA, which is torch's own fused kernel on every device. The choice is logged once per process.
 
-Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``, ``linear_cross_entropy``): their reference is
-the chain of the simpler ops, each dispatched on its own, so forcing only the composite to its reference
-measures exactly what fusing it gains. ``add_rms_norm``, ``swiglu`` and ``rotary`` are fused by ``torch.compile``
-(Inductor writes the Triton kernels); ``cross_entropy`` and ``linear_cross_entropy`` (the LM head with the loss,
-its gradient written in the forward) run Triton kernels of hybridlm's own; ``linears``
+Some ops are compositions (``add_rms_norm``, ``conv_ssd_scan``): their reference is the chain of the
+simpler ops, each dispatched on its own, so forcing only the composite to its reference measures
+exactly what fusing it gains. ``add_rms_norm``, ``swiglu`` and ``rotary`` are fused by ``torch.compile``
+(Inductor writes the Triton kernels); ``cross_entropy`` runs Triton kernels of hybridlm's own; ``linears``
 (layers sharing an input) adds their input gradients in torch's GEMMs instead of kernels of their own.
 """
 
@@ -40,7 +39,6 @@ FUSED_PACKAGES: dict[str, tuple[str, ...]] = {
     "gated_rms_norm": ("mamba_ssm",),
     "swiglu": ("triton",),  # torch.compile
     "cross_entropy": ("triton",),  # hybridlm's kernels: ops/triton_cross_entropy.py
-    "linear_cross_entropy": ("triton",),  # the LM head + loss, gradient written forward: ops/head_loss.py
     "rotary": ("triton",),  # torch.compile
     "attention": ("flash_attn",),
     "linears": ("torch",),  # ops/shared_input.py: torch's GEMMs, the input's gradient summed in their epilogues
@@ -52,14 +50,9 @@ FUSED_NAMES = {
     "swiglu": "torch.compile",
     "rotary": "torch.compile",
     "cross_entropy": "Triton (hybridlm)",
-    "linear_cross_entropy": "Triton (hybridlm), gradient in the forward",
     "linears": "GEMM-epilogue gradient sum (hybridlm)",
 }
-COMPOSITE_OPS = (
-    "add_rms_norm",
-    "conv_ssd_scan",
-    "linear_cross_entropy",
-)  # unfused, they run the simpler ops (each dispatched)
+COMPOSITE_OPS = ("add_rms_norm", "conv_ssd_scan")  # unfused, they run the simpler ops (each dispatched)
 
 _forced_reference = False
 _reference_ops: frozenset[str] = frozenset()

@@ -34,8 +34,7 @@ orders of magnitude, so they are compared relative to their largest entry).
                state passing)
     norm       rms_norm, gated_rms_norm, add_rms_norm,                fp32   1e-4   1e-4   1e-4
                swiglu, rotary (torch.compile), cross_entropy,         bf16   2e-2   2e-2   2e-2
-               linears (GEMM-epilogue gradient sum),
-               linear_cross_entropy (LM head + loss)
+               linears (GEMM-epilogue gradient sum)
     model      whole hybrid model: logits / parameter grads           fp32   2e-3   2e-3   1e-2
     model                                                             bf16   1e-1   5e-2   5e-2
 
@@ -514,36 +513,6 @@ def case_cross_entropy(dtype, padded_rows: bool = False):
     return Case("norm", run(cross_entropy_triton), run(cross_entropy_ref), inputs, grads=("logits",))
 
 
-def case_linear_cross_entropy(dtype, autocast: bool = False, one_program_per_row: bool = False):
-    """The LM head + loss (gradient written in the forward) against the head's GEMM then ``cross_entropy_ref``:
-    a padded head (columns past the vocabulary, rows spanning two and a bit of the kernel's blocks), ignored
-    positions, the mean's upstream scale. ``autocast``: fp32 hidden and weight under bf16 autocast (the eager
-    training step); ``one_program_per_row``: the launch without the persistent grid's row loop."""
-    from hybridlm.ops import head_loss as module  # imports triton
-
-    vocab = 2 * module.BLOCK + 123
-    targets = torch.randint(0, vocab, (256,), device="cuda")
-    targets[::7] = -100  # ignored positions
-    wdt = FP32 if autocast else dtype
-    inputs = {"hidden": cuda(256, 128, dtype=wdt), "weight": cuda(vocab + 40, 128, dtype=wdt, scale=0.3)}
-    scale = 1.0 / (targets != -100).sum()
-
-    def fused(hidden, weight):
-        before = module.PROGRAMS_PER_SM
-        module.PROGRAMS_PER_SM = 256 if one_program_per_row else before
-        try:
-            with torch.autocast("cuda", dtype=BF16, enabled=autocast):
-                return module.linear_cross_entropy_fused(hidden, weight, targets, vocab) * scale
-        finally:
-            module.PROGRAMS_PER_SM = before
-
-    def reference(hidden, weight):
-        with torch.autocast("cuda", dtype=BF16, enabled=autocast):
-            return cross_entropy_ref((hidden @ weight.t())[:, :vocab], targets) * scale
-
-    return Case("norm", fused, reference, inputs, grads=("hidden", "weight"))
-
-
 FLASH = importlib.util.find_spec("flash_attn") is not None
 
 CASES: dict[str, Callable[[torch.dtype], Case]] = {
@@ -579,15 +548,12 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "rotary": case_rotary,
     "cross_entropy": case_cross_entropy,
     "cross_entropy[padded rows]": lambda dt: case_cross_entropy(dt, padded_rows=True),
-    "linear_cross_entropy": case_linear_cross_entropy,
-    "linear_cross_entropy[one program per row]": lambda dt: case_linear_cross_entropy(dt, one_program_per_row=True),
-    "linear_cross_entropy[autocast]": lambda dt: case_linear_cross_entropy(dt, autocast=True),
 }
 
 
 def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
-    if name in ("linears[autocast]", "linear_cross_entropy[autocast]") and dtype == FP32:
+    if name == "linears[autocast]" and dtype == FP32:
         return "autocast computes in bf16: the bf16 case covers it"
     if name.startswith("flash"):
         if not FLASH:
@@ -690,9 +656,7 @@ def small_hybrid(version: int, pattern: str = "M*-M*-") -> ModelConfig:
 
 @functools.cache
 def model_rows(version: int, dtype: torch.dtype) -> list[Row]:
-    """The loss, the logits and every parameter's gradient, fused kernels vs ``ops.reference_kernels()``. The
-    training forward's fused head + loss returns no logits (it overwrites them), so they come from a forward
-    without labels."""
+    """Logits and every parameter's gradient, fused kernels vs ``ops.reference_kernels()``."""
     torch.manual_seed(0)
     model = HybridLM(small_hybrid(version)).cuda()
     if dtype != FP32:
@@ -704,10 +668,8 @@ def model_rows(version: int, dtype: torch.dtype) -> list[Row]:
         with ops.reference_kernels() if reference else contextlib.nullcontext():
             out = model(ids, labels=ids)
             out.loss.backward()
-            with torch.no_grad():
-                logits = model(ids).logits
         grads = {n: p.grad.float() for n, p in model.named_parameters()}
-        results.append(((out.loss.detach().float()[None], logits.float()), grads))
+        results.append(((out.logits.detach().float(),), grads))
     (out_f, grad_f), (out_r, grad_r) = results
     name = f"model[mamba{version}]"
     dtype_name = "fp32" if dtype == FP32 else "bf16"

@@ -29,7 +29,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
 
 @pytest.fixture(scope="module")
 def kernels():
-    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing", "head_loss")
+    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing")
     return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
 
 
@@ -112,64 +112,6 @@ def test_cross_entropy_of_a_target_outside_the_vocabulary_is_nan(kernels):
     the row."""
     loss = kernels["triton_cross_entropy"].cross_entropy_triton(torch.randn(2, 10), torch.tensor([3, 10]))
     assert loss.isnan()
-
-
-@pytest.mark.parametrize("block", [64, 256], ids=["rows in three blocks", "rows in one block"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_linear_cross_entropy_matches_autograd_through_the_reference(kernels, monkeypatch, dtype, block):
-    """The head's GEMM + loss with the logits' gradient written in the forward, against autograd through the
-    head's GEMM and ``cross_entropy_ref``: the loss, the hidden states' and the weight's gradients (the padded
-    rows of the head get none), with ignored positions and an upstream gradient other than 1. 12 rows over 4
-    programs: each program walks three rows."""
-    module = kernels["head_loss"]
-    monkeypatch.setattr(module, "BLOCK", block)  # 64: the 150 logits (+ 10 of padding) in three blocks, one partial
-    torch.manual_seed(0)
-    vocab, padded, width = 150, 160, 24
-    hidden = torch.randn(12, width, dtype=torch.float64).to(dtype)
-    weight = (torch.randn(padded, width, dtype=torch.float64) * 0.5).to(dtype)
-    targets = torch.randint(0, vocab, (12,))
-    targets[[1, 7]] = -100  # ignored: no loss, no gradient
-    upstream = torch.tensor(0.37, dtype=torch.float64)  # the mean's 1/count, say
-
-    ref = [t.clone().requires_grad_() for t in (hidden, weight)]
-    want = cross_entropy_ref((ref[0] @ ref[1].t())[:, :vocab], targets)
-    want.backward(upstream.to(want.dtype))
-    got_leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-    got = module.linear_cross_entropy_fused(*got_leaves, targets, vocab)
-    got.backward(upstream.to(got.dtype))
-
-    exact = dtype == torch.float64
-    torch.testing.assert_close(got, want, atol=1e-4 if exact else 1e-2, rtol=1e-5 if exact else 1e-2)
-    for g, r in zip(got_leaves, ref, strict=True):  # bf16: G and the products each rounded once, sums of 24-150
-        torch.testing.assert_close(g.grad, r.grad, atol=1e-6 if exact else 3e-2, rtol=1e-5 if exact else 2e-2)
-    assert not got_leaves[1].grad[vocab:].any()
-
-
-def test_linear_cross_entropy_under_autocast_casts_as_the_head_would(kernels):
-    """fp32 hidden states and weight under bf16 autocast: the GEMM runs in bf16 as ``F.linear`` would and the
-    gradients come back in the inputs' dtype."""
-    module = kernels["head_loss"]
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(8, 16), torch.randn(40, 16) * 0.5
-    targets = torch.randint(0, 32, (8,))
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = module.linear_cross_entropy_fused(*leaves, targets, 32)
-        ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-        want = cross_entropy_ref(F.linear(*ref_leaves)[:, :32], targets)
-    got.backward()
-    want.backward()
-    assert got.dtype == torch.float32 and [g.grad.dtype for g in leaves] == [torch.float32] * 2
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
-    for g, r in zip(leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(g.grad, r.grad, atol=2e-2, rtol=2e-2)
-
-
-def test_linear_cross_entropy_of_only_ignored_rows_is_zero(kernels):
-    leaves = [torch.randn(3, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)]
-    loss = kernels["head_loss"].linear_cross_entropy_fused(*leaves, torch.full((3,), -100), 10)
-    loss.backward()
-    assert loss.item() == 0.0 and not leaves[0].grad.any() and not leaves[1].grad.any()
 
 
 def _chunk_decay_across_documents(dA_last, seq_idx, chunk_size):
