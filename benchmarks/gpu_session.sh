@@ -256,6 +256,13 @@ for phase in "${phases[@]}"; do
             python3 -m hybridlm bench $CFG --shapes $shape --systems $sys --warmup 3 --steps 15 --out "$OUT/bench.jsonl"
         done
       done ;;
+    bwdlaunch)  # the mixer's own backward wrappers (no size-1 sums): GPU tests, op times and errors, the bench
+      run bwdlaunch-tests 170 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        --durations=5 -k "conv_ssd_scan and (bwd or split)"
+      run bwdlaunch-variants-8x4096 100 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept upstream bwd launch 128" --each-error
+      run bench-bwdlaunch 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

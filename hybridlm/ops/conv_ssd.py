@@ -10,7 +10,7 @@ at the backward kernels. The kernels are the combined op's, so outputs and gradi
 order and the states' dtype (``tests/ops/test_fused_vs_reference.py`` holds them to each other and to the
 reference ops).
 
-Three choices differ from the combined op, each measured on its own (``MixerKernels``; a field set False runs
+Several choices differ from the combined op, each measured on its own (``MixerKernels``; a field set False runs
 what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU tests compare with):
 - the gated norm's backward is hybridlm's own Triton kernel (``ops/gated_norm_bwd.py``: the same arithmetic as
   mamba_ssm's, 1.45x faster at the 500M config's shapes);
@@ -22,7 +22,10 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   launches six (two flips, a cumulative sum, three additions);
 - the state passing across chunks is hybridlm's own pair of Triton kernels (``ops/state_passing.py``: tiles of
   chunks combined by an associative scan, where mamba_ssm's walk the chunks one by one, latency-bound on long
-  sequences).
+  sequences);
+- four of the backward's launches go through wrappers of hybridlm's (``ops/ssd_bwd.py``) that return the
+  decays' gradient terms unsummed (``decay_grad`` sums them with the rest) and skip mamba_ssm's sums over a
+  single split of the heads (copies of dB, dC and d(C·Bᵀ)).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -54,6 +57,7 @@ class MixerKernels:
     lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
     compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
+    own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -145,7 +149,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import ssd_launch, state_passing
+        from hybridlm.ops import ssd_bwd, ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -192,19 +196,27 @@ class ConvSSDScan(torch.autograd.Function):
             ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
         dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-        dB_states, ddA_from_B = _chunk_state_bwd_db(
-            x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
-        )
-        dC_states, ddA_from_C = _chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups)
-        dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
-        _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
-        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
         # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
         # further from the reference, and slower (README, Performance).
-        ddA_in_chunk = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)
+        if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
+            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx)
+            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx)
+            dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
+            ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
+        else:
+            dB_states, ddA_from_B = _chunk_state_bwd_db(
+                x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
+            )
+            dC_states, ddA_from_C = _chunk_scan_bwd_dC(
+                states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
+            )
+            dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups)
+            ddA_in_chunk = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)[..., None, :]
+        _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
+        _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
-        ddA = sum_parts(ddA_in_chunk, ddA_from_B, ddA_from_C, ddA_chunk_last)
+        ddA = sum_parts(ddA_in_chunk, ddA_from_B, ddA_from_C, ddA_chunk_last, not kernels.own_bwd_launch)
         _, dA, ddt_bias = _chunk_cumsum_bwd(
             ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
         )
@@ -221,15 +233,21 @@ class ConvSSDScan(torch.autograd.Function):
 
 
 def decay_grad(
-    in_chunk: torch.Tensor, from_B: torch.Tensor, from_C: torch.Tensor, from_chunk_end: torch.Tensor
+    in_chunk: torch.Tensor,
+    from_B: torch.Tensor,
+    from_C: torch.Tensor,
+    from_chunk_end: torch.Tensor,
+    from_B_summed: bool = False,
 ) -> torch.Tensor:
     """The gradient of the cumulative log decays ``dA_cumsum`` (batch, nheads, nchunks, chunk) from its parts:
-    the in-chunk scan's and the chunk states' (through B) at each step, and the reverse cumulative sum over the
-    chunk of the terms through C and, at the chunk's last step, through the state leaving the chunk
-    (``from_chunk_end``, (batch, nheads, nchunks, parts): partial sums, added here): a step's decay reaches every
-    later step of its chunk."""
+    the in-chunk scan's (``in_chunk``, (batch, nheads, nchunks, tiles, chunk): partial sums over row tiles), the
+    cumulative sum over the chunk of the chunk states' terms through B (``from_B``; already summed where
+    ``from_B_summed``), and the reverse cumulative sum over the chunk of the terms through C and, at the chunk's
+    last step, through the state leaving the chunk (``from_chunk_end``, (batch, nheads, nchunks, parts): partial
+    sums): a step's decay reaches every later step of its chunk, and reached every earlier one."""
     from_C = torch.cat([from_C[..., :-1], (from_C[..., -1] + from_chunk_end.sum(-1))[..., None]], dim=-1)
-    return in_chunk + from_B + from_C.flip(-1).cumsum(-1).flip(-1)
+    from_B = from_B if from_B_summed else from_B.cumsum(-1)
+    return in_chunk.sum(-2) + from_B + from_C.flip(-1).cumsum(-1).flip(-1)
 
 
 def _split_xbc(xBC: torch.Tensor, nheads: int, headdim: int, ngroups: int):

@@ -411,7 +411,7 @@ def case_add_rms_norm(dtype, first: bool = False):
     )
 
 
-def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
+def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, seqlen: int = 512):
     """Mamba-2's conv + SSD + gated norm from in_proj's output; the 500M config's head_dim, d_state and
     chunk (so Triton's autotuning is shared with it), fp32 parameters as under autocast. ``baseline``:
     against mamba_ssm's combined op (``"combined"``: the same kernels, recomputing in backward) or against
@@ -419,8 +419,10 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None):
     hybridlm's gated-norm backward against mamba_ssm's; ``"tuned_launch"``, the wider autotuning lists against
     upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
-    against mamba_ssm's) instead of the reference ops."""
-    b, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 512, 4, 64, 1, 128, 128
+    against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's) instead of the
+    reference ops. ``seqlen``: at 9216 (72 chunks) mamba_ssm's backward kernels put a group's four heads in one
+    program on a 132-SM GPU (one split: the wrappers' view instead of a sum), at 512 in four."""
+    b, nheads, headdim, ngroups, dstate, chunk = 2, 4, 64, 1, 128, 128
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
     inputs = {
@@ -542,6 +544,11 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs fp32 states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_states"),
     "conv_ssd_scan[seq_idx,vs eager decay grad]": lambda dt: case_conv_ssd_scan(dt, baseline="compiled_decay_grad"),
     "conv_ssd_scan[seq_idx,vs upstream state passing]": lambda dt: case_conv_ssd_scan(dt, baseline="own_state_passing"),
+    "conv_ssd_scan[seq_idx,vs upstream bwd launch]": lambda dt: case_conv_ssd_scan(dt, baseline="own_bwd_launch"),
+    "conv_ssd_scan[one split,vs upstream bwd launch]": lambda dt: case_conv_ssd_scan(
+        dt, baseline="own_bwd_launch", seqlen=9216
+    ),
+    "conv_ssd_scan[one split]": lambda dt: case_conv_ssd_scan(dt, seqlen=9216),
     "swiglu": case_swiglu,
     "linears": case_linears,
     "linears[autocast]": lambda dt: case_linears(dt, autocast=True),

@@ -1,0 +1,166 @@
+"""Four of mamba_ssm's SSD backward launches, wrapped for the Mamba-2 mixer (``ops/conv_ssd.py``) so that they
+return what the mixer sums next instead of summing it themselves.
+
+mamba_ssm's wrappers end in reductions that the mixer can skip or fold into a kernel it runs anyway:
+- dB and dC (through the chunk states and through the scan) and d(C·Bᵀ) are written per split of a group's
+  heads and then summed over the splits. At the 500M config's shapes one program takes all 32 heads of the
+  group, so there is one split and the sum is a copy (16.8 MB read and written, ~11 µs each); here one split is
+  returned as a view.
+- The in-chunk decay gradient comes as partial sums per row tile, summed by the wrapper, and the decay gradient
+  through the chunk states as per-step terms, cumulatively summed by the wrapper: both are left to
+  ``conv_ssd.decay_grad``, which sums the decay gradient's parts in one compiled kernel.
+Five launches a layer fewer. The kernels, their autotuners (and pre-hooks) and their arguments are mamba_ssm's,
+as its wrappers pass them (mamba_ssm 2.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+
+def _splits(batch: int, nchunks: int, nheads: int, ngroups: int, device: torch.device) -> tuple[int, int]:
+    """(heads per program, splits of a group's heads) as mamba_ssm's wrappers choose them: enough programs to
+    fill the SMs."""
+    per_group = nheads // ngroups
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per_program = max(min(math.ceil(batch * nchunks * nheads / sms), per_group), 1)
+    return per_program, triton.cdiv(per_group, per_program)
+
+
+def _sum_splits(t: torch.Tensor) -> torch.Tensor:
+    return t.squeeze(2) if t.shape[2] == 1 else t.sum(2)
+
+
+def _seq_idx_strides(seq_idx: torch.Tensor | None) -> tuple[int, int]:
+    return (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+
+
+def _chunk_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """(batch, nheads, nchunks, chunk)-shaped tensors as the kernels take their strides: chunk before head."""
+    return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
+
+
+def chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups: int, seq_idx=None):
+    """dB through the chunk states, (batch, seqlen, ngroups, dstate) fp32, and their decay-gradient terms per step,
+    (batch, nheads, nchunks, chunk) fp32, before the cumulative sum over the chunk that ``_chunk_state_bwd_db``
+    takes; without the sum over splits."""
+    from mamba_ssm.ops.triton import ssd_chunk_state as upstream
+    from mamba_ssm.utils.determinism import alloc_tile_workspace, finalize_tile_workspace, use_deterministic_mode
+
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk_size = dt.shape
+    dstate = dstates.shape[-1]
+    deterministic = use_deterministic_mode()
+    tiles = math.ceil(dstate / upstream._CHUNK_STATE_BWD_DB_MIN_BLOCK_N)
+    ddA, stride_tile = alloc_tile_workspace(
+        (batch, nheads, nchunks, chunk_size), tiles, torch.float32, x.device, deterministic, zero_init=True
+    )
+    per_program, splits = _splits(batch, nchunks, nheads, ngroups, x.device)
+    dB = torch.empty(batch, seqlen, splits, ngroups, dstate, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        blocks = triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]) * triton.cdiv(dstate, meta["BLOCK_SIZE_N"])
+        return blocks, batch * nchunks, splits * ngroups
+
+    with torch.cuda.device(x.device.index):
+        upstream._chunk_state_bwd_db_kernel[grid](
+            x, dstates, B, dt, dA_cumsum, seq_idx, dB, ddA,
+            chunk_size, dstate, headdim,
+            batch, seqlen, nheads, per_program, ngroups,
+            *x.stride(), *dstates.stride(), *B.stride(), *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
+            *_seq_idx_strides(seq_idx), *dB.stride(), *_chunk_strides(ddA), stride_tile,
+            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=deterministic,
+            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+        )  # fmt: skip
+    return _sum_splits(dB), finalize_tile_workspace(ddA, deterministic)
+
+
+def chunk_scan_bwd_dC(prev_states, dA_cumsum, dout, C, ngroups: int, seq_idx=None):
+    """dC through the states entering each chunk, (batch, seqlen, ngroups, dstate) fp32, and its decay-gradient
+    terms (batch, nheads, nchunks, chunk) fp32: ``_chunk_scan_bwd_dC`` without the sum over splits."""
+    from mamba_ssm.ops.triton import ssd_chunk_scan as upstream
+    from mamba_ssm.utils.determinism import alloc_tile_workspace, finalize_tile_workspace, use_deterministic_mode
+
+    batch, nchunks, nheads, headdim, dstate = prev_states.shape
+    seqlen = dout.shape[1]
+    chunk_size = dA_cumsum.shape[-1]
+    deterministic = use_deterministic_mode()
+    tiles = math.ceil(dstate / upstream._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N)
+    ddA, stride_tile = alloc_tile_workspace(
+        (batch, nheads, nchunks, chunk_size), tiles, torch.float32, dout.device, deterministic, zero_init=True
+    )
+    per_program, splits = _splits(batch, nchunks, nheads, ngroups, dout.device)
+    dC = torch.empty(batch, seqlen, splits, ngroups, dstate, device=dout.device, dtype=torch.float32)
+
+    def grid(meta):
+        blocks = triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]) * triton.cdiv(dstate, meta["BLOCK_SIZE_N"])
+        return blocks, batch * nchunks, splits * ngroups
+
+    with torch.cuda.device(dout.device.index):
+        upstream._chunk_scan_bwd_dc_kernel[grid](
+            dout, prev_states, C, dA_cumsum, seq_idx, dC, ddA,
+            chunk_size, dstate, headdim,
+            batch, seqlen, nheads, per_program, ngroups,
+            *dout.stride(), *prev_states.stride(), *C.stride(), *_chunk_strides(dA_cumsum),
+            *_seq_idx_strides(seq_idx), *dC.stride(), *_chunk_strides(ddA), stride_tile,
+            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=deterministic,
+            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+        )  # fmt: skip
+    return _sum_splits(dC), finalize_tile_workspace(ddA, deterministic)
+
+
+def chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups: int, seq_idx=None) -> torch.Tensor:
+    """d(C·Bᵀ) per chunk, (batch, nchunks, ngroups, chunk, chunk) fp32: ``_chunk_scan_bwd_dcb`` without CB (no
+    decay terms) and without the sum over splits."""
+    from mamba_ssm.ops.triton import ssd_chunk_scan as upstream
+
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk_size = dt.shape
+    per_program, splits = _splits(batch, nchunks, nheads, ngroups, x.device)
+    dcb = torch.empty(batch, nchunks, splits, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        blocks = triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]) * triton.cdiv(chunk_size, meta["BLOCK_SIZE_N"])
+        return blocks, batch * nchunks, splits * ngroups
+
+    with torch.cuda.device(x.device.index):
+        upstream._chunk_scan_bwd_dcb_kernel[grid](
+            x, dout, None, dt, dA_cumsum, seq_idx, dcb, None,
+            chunk_size, headdim,
+            batch, seqlen, nheads, per_program, ngroups,
+            *x.stride(), *dout.stride(), 0, 0, 0, 0, 0, *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
+            *_seq_idx_strides(seq_idx), *dcb.stride(), 0, 0, 0, 0, 0,
+            HAS_DDA_CS=False, HAS_SEQ_IDX=seq_idx is not None,
+            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+        )  # fmt: skip
+    return _sum_splits(dcb)
+
+
+def chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dout, cb) -> torch.Tensor:
+    """The in-chunk decay gradient as partial sums per row tile, (batch, nheads, nchunks, tiles, chunk) fp32 (a
+    view): ``_chunk_scan_bwd_ddAcs_stable`` before its sum over the tiles."""
+    from mamba_ssm.ops.triton import ssd_chunk_scan as upstream
+
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk_size = dt.shape
+    ngroups = cb.shape[2]
+    kernel = upstream._chunk_scan_bwd_ddAcs_stable_kernel
+    tiles = triton.cdiv(chunk_size, 32)  # upstream's smallest BLOCK_SIZE_M
+    ddA = torch.empty(batch, nheads, nchunks, tiles, chunk_size, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]), batch * nchunks, nheads
+
+    with torch.cuda.device(x.device.index):
+        kernel[grid](
+            x, dout, dt, dA_cumsum, cb, ddA,
+            chunk_size, headdim,
+            batch, seqlen, nheads // ngroups,
+            *x.stride(), *dout.stride(), *_chunk_strides(dt), *_chunk_strides(dA_cumsum), *cb.stride(),
+            ddA.stride(0), ddA.stride(2), ddA.stride(1), ddA.stride(3), ddA.stride(4),
+            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+        )  # fmt: skip
+    return ddA[:, :, :, : triton.cdiv(chunk_size, kernel.best_config.kwargs["BLOCK_SIZE_M"])]
