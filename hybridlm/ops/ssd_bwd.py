@@ -16,6 +16,8 @@ as its wrappers pass them (mamba_ssm 2.3).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,73 +45,81 @@ def _chunk_strides(t: torch.Tensor) -> tuple[int, ...]:
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
 
 
-def chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups: int, seq_idx=None):
-    """dB through the chunk states, (batch, seqlen, ngroups, dstate) fp32, and their decay-gradient terms per step,
-    (batch, nheads, nchunks, chunk) fp32, before the cumulative sum over the chunk that ``_chunk_state_bwd_db``
-    takes; without the sum over splits."""
-    from mamba_ssm.ops.triton import ssd_chunk_state as upstream
-    from mamba_ssm.utils.determinism import alloc_tile_workspace, finalize_tile_workspace, use_deterministic_mode
+@dataclass
+class _StateGradLaunch:
+    """What the dB and dC kernels share: the gradient's buffer per split, the decays' terms, the grid."""
 
-    batch, seqlen, nheads, headdim = x.shape
-    _, _, nchunks, chunk_size = dt.shape
-    dstate = dstates.shape[-1]
+    grad: torch.Tensor  # (batch, seqlen, splits, ngroups, dstate) fp32
+    ddA: torch.Tensor  # (batch, nheads, nchunks, chunk[, tiles]) fp32: tiles only in deterministic mode
+    stride_tile: int
+    per_program: int
+    deterministic: bool
+    grid: Callable[[dict], tuple[int, int, int]]
+
+
+def _state_grad_launch(dA_cumsum, seqlen: int, ngroups: int, dstate: int, min_block_n: int) -> _StateGradLaunch:
+    from mamba_ssm.utils.determinism import alloc_tile_workspace, use_deterministic_mode
+
+    batch, nheads, nchunks, chunk_size = dA_cumsum.shape
+    device = dA_cumsum.device
     deterministic = use_deterministic_mode()
-    tiles = math.ceil(dstate / upstream._CHUNK_STATE_BWD_DB_MIN_BLOCK_N)
+    tiles = math.ceil(dstate / min_block_n)
     ddA, stride_tile = alloc_tile_workspace(
-        (batch, nheads, nchunks, chunk_size), tiles, torch.float32, x.device, deterministic, zero_init=True
+        (batch, nheads, nchunks, chunk_size), tiles, torch.float32, device, deterministic, zero_init=True
     )
-    per_program, splits = _splits(batch, nchunks, nheads, ngroups, x.device)
-    dB = torch.empty(batch, seqlen, splits, ngroups, dstate, device=x.device, dtype=torch.float32)
+    per_program, splits = _splits(batch, nchunks, nheads, ngroups, device)
+    grad = torch.empty(batch, seqlen, splits, ngroups, dstate, device=device, dtype=torch.float32)
 
     def grid(meta):
         blocks = triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]) * triton.cdiv(dstate, meta["BLOCK_SIZE_N"])
         return blocks, batch * nchunks, splits * ngroups
 
+    return _StateGradLaunch(grad, ddA, stride_tile, per_program, deterministic, grid)
+
+
+def chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups: int, seq_idx=None):
+    """dB through the chunk states, (batch, seqlen, ngroups, dstate) fp32, and their decay-gradient terms per step,
+    (batch, nheads, nchunks, chunk) fp32, before the cumulative sum over the chunk that ``_chunk_state_bwd_db``
+    takes; without the sum over splits."""
+    from mamba_ssm.ops.triton import ssd_chunk_state as upstream
+    from mamba_ssm.utils.determinism import finalize_tile_workspace
+
+    batch, seqlen, nheads, headdim = x.shape
+    chunk_size, dstate = dt.shape[-1], dstates.shape[-1]
+    launch = _state_grad_launch(dA_cumsum, seqlen, ngroups, dstate, upstream._CHUNK_STATE_BWD_DB_MIN_BLOCK_N)
     with torch.cuda.device(x.device.index):
-        upstream._chunk_state_bwd_db_kernel[grid](
-            x, dstates, B, dt, dA_cumsum, seq_idx, dB, ddA,
+        upstream._chunk_state_bwd_db_kernel[launch.grid](
+            x, dstates, B, dt, dA_cumsum, seq_idx, launch.grad, launch.ddA,
             chunk_size, dstate, headdim,
-            batch, seqlen, nheads, per_program, ngroups,
+            batch, seqlen, nheads, launch.per_program, ngroups,
             *x.stride(), *dstates.stride(), *B.stride(), *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
-            *_seq_idx_strides(seq_idx), *dB.stride(), *_chunk_strides(ddA), stride_tile,
-            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=deterministic,
+            *_seq_idx_strides(seq_idx), *launch.grad.stride(), *_chunk_strides(launch.ddA), launch.stride_tile,
+            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=launch.deterministic,
             BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
         )  # fmt: skip
-    return _sum_splits(dB), finalize_tile_workspace(ddA, deterministic)
+    return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
 
 def chunk_scan_bwd_dC(prev_states, dA_cumsum, dout, C, ngroups: int, seq_idx=None):
     """dC through the states entering each chunk, (batch, seqlen, ngroups, dstate) fp32, and its decay-gradient
     terms (batch, nheads, nchunks, chunk) fp32: ``_chunk_scan_bwd_dC`` without the sum over splits."""
     from mamba_ssm.ops.triton import ssd_chunk_scan as upstream
-    from mamba_ssm.utils.determinism import alloc_tile_workspace, finalize_tile_workspace, use_deterministic_mode
+    from mamba_ssm.utils.determinism import finalize_tile_workspace
 
     batch, nchunks, nheads, headdim, dstate = prev_states.shape
-    seqlen = dout.shape[1]
-    chunk_size = dA_cumsum.shape[-1]
-    deterministic = use_deterministic_mode()
-    tiles = math.ceil(dstate / upstream._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N)
-    ddA, stride_tile = alloc_tile_workspace(
-        (batch, nheads, nchunks, chunk_size), tiles, torch.float32, dout.device, deterministic, zero_init=True
-    )
-    per_program, splits = _splits(batch, nchunks, nheads, ngroups, dout.device)
-    dC = torch.empty(batch, seqlen, splits, ngroups, dstate, device=dout.device, dtype=torch.float32)
-
-    def grid(meta):
-        blocks = triton.cdiv(chunk_size, meta["BLOCK_SIZE_M"]) * triton.cdiv(dstate, meta["BLOCK_SIZE_N"])
-        return blocks, batch * nchunks, splits * ngroups
-
+    seqlen, chunk_size = dout.shape[1], dA_cumsum.shape[-1]
+    launch = _state_grad_launch(dA_cumsum, seqlen, ngroups, dstate, upstream._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N)
     with torch.cuda.device(dout.device.index):
-        upstream._chunk_scan_bwd_dc_kernel[grid](
-            dout, prev_states, C, dA_cumsum, seq_idx, dC, ddA,
+        upstream._chunk_scan_bwd_dc_kernel[launch.grid](
+            dout, prev_states, C, dA_cumsum, seq_idx, launch.grad, launch.ddA,
             chunk_size, dstate, headdim,
-            batch, seqlen, nheads, per_program, ngroups,
+            batch, seqlen, nheads, launch.per_program, ngroups,
             *dout.stride(), *prev_states.stride(), *C.stride(), *_chunk_strides(dA_cumsum),
-            *_seq_idx_strides(seq_idx), *dC.stride(), *_chunk_strides(ddA), stride_tile,
-            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=deterministic,
+            *_seq_idx_strides(seq_idx), *launch.grad.stride(), *_chunk_strides(launch.ddA), launch.stride_tile,
+            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=launch.deterministic,
             BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
         )  # fmt: skip
-    return _sum_splits(dC), finalize_tile_workspace(ddA, deterministic)
+    return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
 
 def chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups: int, seq_idx=None) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""hybridlm's launches of four of mamba_ssm's SSD backward kernels (``ops/ssd_bwd.py``) against mamba_ssm's own
+wrappers of the same kernels, on the CPU under Triton's interpreter.
+
+mamba_ssm does not install without CUDA, but its Triton kernels and their wrappers are Python: they are imported
+here straight from its wheel beside the checkout (``../shared/gpu/wheels``, where CI has it), without the
+package's ``__init__`` and its CUDA extensions; without the wheel the module is skipped. The same kernels with the
+same arguments give the same numbers, so the outputs must be equal: dB, dC and d(C·Bᵀ) with the heads in one split
+(returned as a view) and in four (summed), and the decays' terms that hybridlm leaves unsummed, once summed as
+mamba_ssm sums them. The GPU tests hold the whole mixer with these launches to the one with mamba_ssm's wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("a GPU is here: the GPU tests run these kernels compiled", allow_module_level=True)
+triton = pytest.importorskip("triton")
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+    pytest.skip(f"triton {triton.__version__}'s interpreter fails under numpy 2.4", allow_module_level=True)
+pytest.importorskip("einops")  # mamba_ssm's kernel modules import it
+
+WHEELS = Path(__file__).resolve().parents[3] / "shared" / "gpu" / "wheels"
+
+
+@pytest.fixture
+def upstream(monkeypatch):
+    """mamba_ssm's SSD kernel modules from its wheel, on a CPU standing in for a GPU of ``sms`` SMs (set by the
+    test through ``upstream.sms``); sys.modules is restored afterwards."""
+    wheel = next(iter(sorted(WHEELS.glob("mamba_ssm-*.whl"))), None)
+    if wheel is None:
+        pytest.skip(f"no mamba_ssm wheel in {WHEELS}")
+    before = set(sys.modules)
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = [f"{wheel}/mamba_ssm"]  # zipimport reads the modules from the wheel
+    monkeypatch.setitem(sys.modules, "mamba_ssm", package)
+    stand_in = types.SimpleNamespace(sms=132)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=stand_in.sms)
+    )
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    # autotuning without timing: the interpreter's "benchmarks" would run every configuration (minutes); any pick
+    # serves, as both wrappers launch through the same autotuner
+    timings = itertools.count()
+    monkeypatch.setattr(
+        triton.runtime.autotuner.Autotuner,
+        "do_bench",
+        property(lambda self: lambda call, quantiles: [next(timings)] * 3),
+    )
+    stand_in.scan = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_scan")
+    stand_in.state = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_state")
+    yield stand_in
+    for name in set(sys.modules) - before:
+        if name.startswith("mamba_ssm"):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic sums", "deterministic sums"])
+@pytest.mark.parametrize("sms", [132, 1], ids=["four splits of the heads", "one split"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
+def test_wrappers_give_what_mamba_ssm_wrappers_give(upstream, monkeypatch, sms, packed, deterministic):
+    """``deterministic``: mamba_ssm's deterministic mode (read at each call), where the decays' terms are summed
+    over tiles of a workspace instead of by atomic adds."""
+    from hybridlm.ops import ssd_bwd
+
+    monkeypatch.setenv("MAMBA_DETERMINISTIC", "1" if deterministic else "0")
+
+    upstream.sms = sms  # 2 rows x 4 chunks x 4 heads: one head per program on 132 SMs, all four on one SM
+    torch.manual_seed(0)
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 64, 4, 16, 1, 16, 16
+    nchunks = seqlen // chunk
+    x, dy = torch.randn(batch, seqlen, nheads, headdim), torch.randn(batch, seqlen, nheads, headdim)
+    B, C = torch.randn(batch, seqlen, ngroups, dstate), torch.randn(batch, seqlen, ngroups, dstate)
+    dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
+    dA_cumsum = (-torch.rand(batch, nheads, nchunks, chunk) * 0.1).cumsum(-1)
+    dstates, states = (torch.randn(batch, nchunks, nheads, headdim, dstate) for _ in range(2))
+    CB = torch.randn(batch, nchunks, ngroups, chunk, chunk)
+    seq_idx = None
+    if packed:  # a boundary inside the third chunk of row 0
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[0, 37:] = 1
+
+    dB, from_B = ssd_bwd.chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups, seq_idx)
+    dB_up, from_B_up = upstream.state._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=1)
+    assert torch.equal(dB, dB_up) and torch.equal(from_B.cumsum(-1), from_B_up)
+
+    dC, from_C = ssd_bwd.chunk_scan_bwd_dC(states, dA_cumsum, dy, C, ngroups, seq_idx)
+    dC_up, from_C_up = upstream.scan._chunk_scan_bwd_dC(states, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=1)
+    assert torch.equal(dC, dC_up) and torch.equal(from_C, from_C_up)
+
+    dcb = ssd_bwd.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, ngroups, seq_idx)
+    assert torch.equal(dcb, upstream.scan._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=1))
+    assert dB.shape == dB_up.shape and dcb.shape == (batch, nchunks, ngroups, chunk, chunk)
+
+    in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dy, CB)
+    in_chunk_up = upstream.scan._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dy, CB)
+    assert torch.equal(in_chunk.sum(-2), in_chunk_up)
