@@ -263,6 +263,13 @@ for phase in "${phases[@]}"; do
         --variants "kept chunk 128,kept upstream bwd launch 128" --each-error
       run bench-bwdlaunch 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    bwdtests)  # the same launches' GPU tests given the time they need cold (mixer cases, Mamba-2 models, captured
+      # steps), then the bench again
+      run bwdlaunch-tests 320 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and (bwd or split) or model_fused_matches_reference and 2- or captured_step and 2"
+      run bench-bwdlaunch 230 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
