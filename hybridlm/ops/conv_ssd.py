@@ -244,7 +244,8 @@ def decay_grad(
     cumulative sum over the chunk of the chunk states' terms through B (``from_B``; already summed where
     ``from_B_summed``), and the reverse cumulative sum over the chunk of the terms through C and, at the chunk's
     last step, through the state leaving the chunk (``from_chunk_end``, (batch, nheads, nchunks, parts): partial
-    sums): a step's decay reaches every later step of its chunk, and reached every earlier one."""
+    sums): a step's gradient collects the terms through C of that step and every later one of its chunk, and
+    those through B of that step and every earlier one."""
     from_C = torch.cat([from_C[..., :-1], (from_C[..., -1] + from_chunk_end.sum(-1))[..., None]], dim=-1)
     from_B = from_B if from_B_summed else from_B.cumsum(-1)
     return in_chunk.sum(-2) + from_B + from_C.flip(-1).cumsum(-1).flip(-1)
