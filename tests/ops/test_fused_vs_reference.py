@@ -558,13 +558,21 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
 }
 
 
+# Cases that failed and are not understood yet: they still run (an expected failure that reports its error rows,
+# strict=False so a pass shows as XPASS), and the error table marks them instead of failing on them.
+KNOWN_FAILURES: dict[tuple[str, torch.dtype], str] = {
+    # Failed on the H200 in session 15; the call's time limit cut the report, so by how much is not known. The
+    # launches are not the cause: at this shape they give mamba_ssm's wrappers' numbers ("[one split,vs upstream
+    # bwd launch]" passes at 1e-4). Likely cause, unchecked: 72 chunks of TF32 dot products.
+    (
+        "conv_ssd_scan[one split]",
+        FP32,
+    ): "fp32 against the reference over 72 chunks failed its tolerance (margin unmeasured)",
+}
+
+
 def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
-    if name == "conv_ssd_scan[one split]" and dtype == FP32:
-        # Failed on the H200 in session 15; the call's time limit cut the report, so by how much is not known. The
-        # launches are not the cause: at this shape they give mamba_ssm's wrappers' numbers ("[one split,vs
-        # upstream bwd launch]" passes at 1e-4). Likely cause, unchecked: 72 chunks of TF32 dot products.
-        return "fp32 against the reference over 72 chunks failed its tolerance once, by an unmeasured margin"
     if name == "linears[autocast]" and dtype == FP32:
         return "autocast computes in bf16: the bf16 case covers it"
     if name.startswith("flash"):
@@ -642,10 +650,12 @@ def _failures(rows: list[Row]) -> str:
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("name", CASES)
-def test_fused_op_matches_reference(name, dtype_name):
+def test_fused_op_matches_reference(name, dtype_name, request):
     reason = applicable(name, DTYPES[dtype_name])
     if reason:
         pytest.skip(reason)
+    if known := KNOWN_FAILURES.get((name, DTYPES[dtype_name])):
+        request.applymarker(pytest.mark.xfail(reason=known, strict=False))
     rows = run_case(name, DTYPES[dtype_name])
     assert all(r.ok for r in rows), _failures(rows)
 
@@ -820,7 +830,12 @@ def test_print_error_table():
             if reason:
                 print(f"{name:<28} {dtype_name:<5} skipped: {reason}", flush=True)
                 continue
-            emit(run_case(name, dtype))
+            case_rows = run_case(name, dtype)
+            if (name, dtype) in KNOWN_FAILURES:  # printed, not held against the table
+                for row in case_rows:
+                    print(f"{row.line()}  (known failure)", flush=True)
+                continue
+            emit(case_rows)
     for version in (1, 2):
         for dtype in DTYPES.values():
             emit(model_rows(version, dtype))
