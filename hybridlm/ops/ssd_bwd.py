@@ -56,6 +56,18 @@ class _StateGradLaunch:
     deterministic: bool
     grid: Callable[[dict], tuple[int, int, int]]
 
+    def last_strides(self, seq_idx) -> tuple[int, ...]:
+        """Both kernels' last stride arguments: seq_idx's, the gradient's, the decays' terms'."""
+        return *_seq_idx_strides(seq_idx), *self.grad.stride(), *_chunk_strides(self.ddA), self.stride_tile
+
+    def meta(self, seq_idx, headdim: int) -> dict:
+        return {
+            "HAS_DDA_CS": True,
+            "HAS_SEQ_IDX": seq_idx is not None,
+            "DETERMINISTIC_REDUCTION": self.deterministic,
+            "BLOCK_SIZE_K": max(triton.next_power_of_2(headdim), 16),
+        }
+
 
 def _state_grad_launch(dA_cumsum, seqlen: int, ngroups: int, dstate: int, min_block_n: int) -> _StateGradLaunch:
     from mamba_ssm.utils.determinism import alloc_tile_workspace, use_deterministic_mode
@@ -93,9 +105,7 @@ def chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups: int, seq_idx=None)
             chunk_size, dstate, headdim,
             batch, seqlen, nheads, launch.per_program, ngroups,
             *x.stride(), *dstates.stride(), *B.stride(), *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
-            *_seq_idx_strides(seq_idx), *launch.grad.stride(), *_chunk_strides(launch.ddA), launch.stride_tile,
-            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=launch.deterministic,
-            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+            *launch.last_strides(seq_idx), **launch.meta(seq_idx, headdim),
         )  # fmt: skip
     return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
@@ -115,9 +125,7 @@ def chunk_scan_bwd_dC(prev_states, dA_cumsum, dout, C, ngroups: int, seq_idx=Non
             chunk_size, dstate, headdim,
             batch, seqlen, nheads, launch.per_program, ngroups,
             *dout.stride(), *prev_states.stride(), *C.stride(), *_chunk_strides(dA_cumsum),
-            *_seq_idx_strides(seq_idx), *launch.grad.stride(), *_chunk_strides(launch.ddA), launch.stride_tile,
-            HAS_DDA_CS=True, HAS_SEQ_IDX=seq_idx is not None, DETERMINISTIC_REDUCTION=launch.deterministic,
-            BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
+            *launch.last_strides(seq_idx), **launch.meta(seq_idx, headdim),
         )  # fmt: skip
     return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
