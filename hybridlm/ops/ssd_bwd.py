@@ -166,7 +166,8 @@ def chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dout, cb) -> torch.Tensor:
     _, _, nchunks, chunk_size = dt.shape
     ngroups = cb.shape[2]
     kernel = upstream._chunk_scan_bwd_ddAcs_stable_kernel
-    tiles = triton.cdiv(chunk_size, 32)  # upstream's smallest BLOCK_SIZE_M
+    # a tile per row block of the smallest BLOCK_SIZE_M the autotuner may pick (upstream writes 32, its list's least)
+    tiles = triton.cdiv(chunk_size, min(config.kwargs["BLOCK_SIZE_M"] for config in kernel.configs))
     ddA = torch.empty(batch, nheads, nchunks, tiles, chunk_size, device=x.device, dtype=torch.float32)
 
     def grid(meta):
