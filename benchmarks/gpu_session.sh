@@ -273,6 +273,11 @@ for phase in "${phases[@]}"; do
     knownfail)  # the known failures' error rows (KNOWN_FAILURES in the GPU tests), reported as plain failures
       run known-failures 200 python3 -m pytest -v -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         --runxfail --tb=short -k "one and split and fp32" ;;
+    profboth)  # the graphed step's kernel profile at both shapes: every kernel's count and time (the .tsv tables)
+      for shape in 1x32768 8x4096; do
+        run prof-graph-$shape 150 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 80 --out "$OUT/prof"
+      done
+      rm -f "$OUT"/prof*/*.json ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
