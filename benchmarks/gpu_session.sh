@@ -278,6 +278,10 @@ for phase in "${phases[@]}"; do
         run prof-graph-$shape 150 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 80 --out "$OUT/prof"
       done
       rm -f "$OUT"/prof*/*.json ;;
+    launches)  # which op, called from where, launches the eager step's kernels (memsets and fills included)
+      run launches-1x32768 200 python3 benchmarks/profile_step.py $CFG --shape 1x32768 --launches --top 70 \
+        --warmup 2 --steps 1 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-cast-once", action="store_true", help="with --graph: autocast casts each weight as it is used")
     p.add_argument("--host", action="store_true", help="profile the host's Python instead of the kernels")
     p.add_argument("--ops", action="store_true", help="also the top torch ops by kernel time, with their input shapes")
+    p.add_argument("--launches", action="store_true", help="also which op, called from where, launches most kernels")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script: there are no kernels")
     args = p.parse_args(argv)
 
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cat:14s} {ms:8.1f}  {ms / total:6.1%}")
     if args.ops:
         op_table(step, synchronize, args.top)
+    if args.launches:
+        launch_table(step, synchronize, args.top)
 
 
 def kernel_events(events) -> list:
@@ -249,6 +252,29 @@ def op_table(step, synchronize, top: int) -> None:
     print("\n    ms  calls  op (input shapes)")
     for e in rows[:top]:
         print(f"{e.self_device_time_total / 1000:6.2f} {e.count:6d}  {e.key} {e.input_shapes}")
+
+
+def launch_table(step, synchronize, top: int) -> None:
+    """Which torch op, called from which line of Python, launched the most kernels (memsets and fills
+    included): the step's small launches, each of which costs its gap between kernels even in a CUDA graph, by
+    origin. Profile the eager step (no ``--graph``): a graph's replay hides its kernels' callers. Kernels no torch
+    op launched (Triton's, from Python) are not listed here; the kernel table counts them."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True
+    ) as prof:
+        step()
+        synchronize()
+    launches: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        caller = next((frame for frame in event.stack if "/torch/" not in frame), "(no Python caller)")
+        row = launches[(event.name, caller)]
+        row[0] += len(event.kernels)
+        row[1] += sum(kernel.duration for kernel in event.kernels) / 1000
+    print("\nlaunches      ms  op  <- first caller outside torch")
+    for (name, caller), (count, ms) in sorted(launches.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{count:8d} {ms:7.2f}  {name}  <- {caller[:110]}")
 
 
 if __name__ == "__main__":
