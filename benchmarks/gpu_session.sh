@@ -282,6 +282,20 @@ for phase in "${phases[@]}"; do
       run launches-1x32768 200 python3 benchmarks/profile_step.py $CFG --shape 1x32768 --launches --top 70 \
         --warmup 2 --steps 1 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;
+    zeroonce)  # the backward's accumulators zeroed once: the mixer's GPU tests (with the known failure's rows and
+      # mamba_ssm's combined op at the same length), then training against the mamba_ssm hybrid at both shapes
+      run zeroonce-tests 270 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        --runxfail --durations=5 -k "conv_ssd_scan and (bwd or split or zeroing)"
+      run bench-zeroonce 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    zeroonceops)  # the same lever at op level, the graphed step's kernel table, the Mamba-2 models and captured steps
+      run zeroonce-variants-8x4096 110 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept zeroing pre-hooks 128,kept upstream bwd launch 128" --each-error
+      run prof-graph-1x32768 130 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 40 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json
+      run zeroonce-models 250 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "model_fused_matches_reference and 2- or captured_step and 2" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

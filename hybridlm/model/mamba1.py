@@ -50,7 +50,7 @@ class Mamba1(nn.Module):
         seqlen = h.shape[1]
         x, z = self.in_proj(h).chunk(2, dim=-1)
         A = -torch.exp(self.A_log.float())
-        conv_weight = self.conv1d.weight[:, 0, :]
+        conv_weight = self.conv1d.weight.squeeze(1)  # (channels, width); a view both ways (indexing zero-fills)
         if cache is not None and cache.seqlen_offset > 0:
             state = cache.layers[self.layer_idx]
             x = ops.causal_conv1d_update(x[:, 0], state.conv_state, conv_weight, self.conv1d.bias, "silu")

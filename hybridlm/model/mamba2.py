@@ -53,7 +53,8 @@ class Mamba2(nn.Module):
     ) -> torch.Tensor:
         zxbcdt = self.in_proj(h)
         A = -torch.exp(self.A_log.float())
-        conv_weight = self.conv1d.weight[:, 0, :]  # (channels, width)
+        # (channels, width): a view whose backward is a view too (indexing's backward zero-fills the whole weight)
+        conv_weight = self.conv1d.weight.squeeze(1)
         if cache is not None and cache.seqlen_offset > 0:
             z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
             y = self._step(xBC[:, 0], dt[:, 0], A, conv_weight, cache.layers[self.layer_idx])[:, None]

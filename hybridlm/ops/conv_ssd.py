@@ -23,9 +23,10 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
 - the state passing across chunks is hybridlm's own pair of Triton kernels (``ops/state_passing.py``: tiles of
   chunks combined by an associative scan, where mamba_ssm's walk the chunks one by one, latency-bound on long
   sequences);
-- four of the backward's launches go through wrappers of hybridlm's (``ops/ssd_bwd.py``) that return the
-  decays' gradient terms unsummed (``decay_grad`` sums them with the rest) and skip mamba_ssm's sums over a
-  single split of the heads (copies of dB, dC and d(C·Bᵀ)).
+- six of the backward's launches go through wrappers of hybridlm's (``ops/ssd_bwd.py``) that return the
+  decays' gradient terms unsummed (``decay_grad`` sums them with the rest), skip mamba_ssm's sums over a
+  single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
+  where mamba_ssm's pre-hooks launch one each.
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -58,6 +59,7 @@ class MixerKernels:
     compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
+    zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -195,13 +197,21 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
             ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
-        dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
+        acc = None
+        if kernels.own_bwd_launch:
+            if kernels.zero_once:
+                acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
+            dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
+                x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
+            )
+        else:
+            dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
         # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
         # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
         # further from the reference, and slower (README, Performance).
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
-            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx)
-            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx)
+            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
+            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
             dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
             ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
         else:
@@ -217,9 +227,12 @@ class ConvSSDScan(torch.autograd.Function):
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
         ddA = sum_parts(ddA_in_chunk, ddA_from_B, ddA_from_C, ddA_chunk_last, not kernels.own_bwd_launch)
-        _, dA, ddt_bias = _chunk_cumsum_bwd(
-            ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
-        )
+        if acc is not None:
+            dA, ddt_bias = ssd_bwd.chunk_cumsum_bwd(ddA, ddt_act, dt, A, dt_bias, dt_limit, ddt_raw, acc)
+        else:
+            _, dA, ddt_bias = _chunk_cumsum_bwd(
+                ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
+            )
 
         # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
         dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in

@@ -17,6 +17,7 @@ are untouched. The configurations keep upstream's pre-hooks (accumulators zeroed
 
 from __future__ import annotations
 
+import copy
 import importlib
 import types
 from collections.abc import Callable
@@ -37,13 +38,24 @@ EXTRA_CONFIGS: dict[str, list[tuple[dict[str, int], int, int]]] = {
 }
 
 
-def widened(tuner, extra: list[tuple[dict[str, int], int, int]]):
-    """A new autotuner over ``tuner``'s kernel: its configurations, then ``extra`` with the same pre-hook."""
+def widened(tuner, extra: list[tuple[dict[str, int], int, int]], reset_to_zero: list[str] | None = None):
+    """A new autotuner over ``tuner``'s kernel: its configurations, then ``extra`` with the same pre-hook.
+
+    With ``reset_to_zero`` (argument names), no configuration keeps a pre-hook: the caller zeroes those arguments
+    before the launch, and the autotuner zeroes them again only after its trial launches (the first call of a
+    shape), which leave them holding sums."""
     import triton
 
-    hook = tuner.configs[0].pre_hook
+    hook = tuner.configs[0].pre_hook if reset_to_zero is None else None
+    configs = [*tuner.configs] if reset_to_zero is None else [_without_pre_hook(c) for c in tuner.configs]
     added = [triton.Config(dict(kw), num_warps=warps, num_stages=stages, pre_hook=hook) for kw, warps, stages in extra]
-    return triton.autotune(configs=[*tuner.configs, *added], key=tuner.keys)(tuner.fn)
+    return triton.autotune(configs=[*configs, *added], key=tuner.keys, reset_to_zero=reset_to_zero)(tuner.fn)
+
+
+def _without_pre_hook(config):
+    config = copy.copy(config)
+    config.pre_hook = None
+    return config
 
 
 @cache

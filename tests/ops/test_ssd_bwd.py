@@ -1,4 +1,4 @@
-"""hybridlm's launches of four of mamba_ssm's SSD backward kernels (``ops/ssd_bwd.py``) against mamba_ssm's own
+"""hybridlm's launches of six of mamba_ssm's SSD backward kernels (``ops/ssd_bwd.py``) against mamba_ssm's own
 wrappers of the same kernels, on the CPU under Triton's interpreter.
 
 mamba_ssm does not install without CUDA, but its Triton kernels and their wrappers are Python: they are imported
@@ -6,7 +6,9 @@ here straight from its wheel beside the checkout (``../shared/gpu/wheels``, wher
 package's ``__init__`` and its CUDA extensions; without the wheel the module is skipped. The same kernels with the
 same arguments give the same numbers, so the outputs must be equal: dB, dC and d(C·Bᵀ) with the heads in one split
 (returned as a view) and in four (summed), and the decays' terms that hybridlm leaves unsummed, once summed as
-mamba_ssm sums them. The GPU tests hold the whole mixer with these launches to the one with mamba_ssm's wrappers.
+mamba_ssm sums them; with the accumulators zeroed by the caller and the kernels launched without their zeroing
+pre-hooks, too. Every ``torch.empty`` is NaN-filled meanwhile, so a buffer read before it is zeroed or written
+shows. The GPU tests hold the whole mixer with these launches to the one with mamba_ssm's wrappers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def upstream(monkeypatch):
     wheel = next(iter(sorted(WHEELS.glob("mamba_ssm-*.whl"))), None)
     if wheel is None:
         pytest.skip(f"no mamba_ssm wheel in {WHEELS}")
+    from hybridlm.ops import ssd_bwd
+
+    ssd_bwd._launcher.cache_clear()  # its autotuners belong to the mamba_ssm modules imported last time
     before = set(sys.modules)
     package = types.ModuleType("mamba_ssm")
     package.__path__ = [f"{wheel}/mamba_ssm"]  # zipimport reads the modules from the wheel
@@ -58,18 +63,38 @@ def upstream(monkeypatch):
     )
     stand_in.scan = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_scan")
     stand_in.state = importlib.import_module("mamba_ssm.ops.triton.ssd_chunk_state")
+    stand_in.combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     yield stand_in
     for name in set(sys.modules) - before:
         if name.startswith("mamba_ssm"):
             del sys.modules[name]
+    ssd_bwd._launcher.cache_clear()
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """``torch.empty`` and ``torch.empty_like`` fill floating-point tensors with NaN."""
+
+    def filled(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        return allocate_nan
+
+    monkeypatch.setattr(torch, "empty", filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
+
+
+@pytest.mark.parametrize("zero_once", [False, True], ids=["zeroed by pre-hooks", "zeroed once"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic sums", "deterministic sums"])
 @pytest.mark.parametrize("sms", [132, 1], ids=["four splits of the heads", "one split"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
-def test_wrappers_give_what_mamba_ssm_wrappers_give(upstream, monkeypatch, sms, packed, deterministic):
+def test_wrappers_give_what_mamba_ssm_wrappers_give(
+    upstream, nan_empty, monkeypatch, sms, packed, deterministic, zero_once
+):
     """``deterministic``: mamba_ssm's deterministic mode (read at each call), where the decays' terms are summed
-    over tiles of a workspace instead of by atomic adds."""
+    over tiles of a workspace instead of by atomic adds. ``zero_once``: the wrappers get ``Accumulators``."""
     from hybridlm.ops import ssd_bwd
 
     monkeypatch.setenv("MAMBA_DETERMINISTIC", "1" if deterministic else "0")
@@ -89,18 +114,57 @@ def test_wrappers_give_what_mamba_ssm_wrappers_give(upstream, monkeypatch, sms, 
         seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
         seq_idx[0, 37:] = 1
 
-    dB, from_B = ssd_bwd.chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups, seq_idx)
+    D, A, dt_bias = torch.randn(nheads), -torch.rand(nheads), torch.randn(nheads)
+    dt_raw, dt_limit = torch.randn(batch, seqlen, nheads), (0.0, float("inf"))
+    dx_up, ddt_up, dD_up = upstream.combined._chunk_scan_chunk_state_bwd_dx(
+        x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx
+    )
     dB_up, from_B_up = upstream.state._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=1)
-    assert torch.equal(dB, dB_up) and torch.equal(from_B.cumsum(-1), from_B_up)
-
-    dC, from_C = ssd_bwd.chunk_scan_bwd_dC(states, dA_cumsum, dy, C, ngroups, seq_idx)
     dC_up, from_C_up = upstream.scan._chunk_scan_bwd_dC(states, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=1)
-    assert torch.equal(dC, dC_up) and torch.equal(from_C, from_C_up)
-
-    dcb = ssd_bwd.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, ngroups, seq_idx)
-    assert torch.equal(dcb, upstream.scan._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=1))
-    assert dB.shape == dB_up.shape and dcb.shape == (batch, nchunks, ngroups, chunk, chunk)
-
-    in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dy, CB)
+    dcb_up = upstream.scan._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, seq_idx=seq_idx, ngroups=1)
     in_chunk_up = upstream.scan._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dy, CB)
-    assert torch.equal(in_chunk.sum(-2), in_chunk_up)
+    ddt_raw_up, dA_up, ddt_bias_up = upstream.state._chunk_cumsum_bwd(
+        in_chunk_up, ddt_up, dt_raw, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit
+    )
+
+    # twice: a shape's first launch autotunes, and the autotuner re-zeroes the accumulators after its trials;
+    # every later launch relies on the caller's zeroing alone
+    for _ in range(2):
+        acc = ssd_bwd.Accumulators.zeroed(x, nchunks, chunk, dstate, D) if zero_once else None
+        dx, ddt, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
+            x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, torch.empty_like(x), widen=False, acc=acc
+        )
+        assert torch.equal(dx, dx_up) and torch.equal(ddt, ddt_up) and torch.equal(dD, dD_up)
+
+        dB, from_B = ssd_bwd.chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
+        assert torch.equal(dB, dB_up) and torch.equal(from_B.cumsum(-1), from_B_up)
+
+        dC, from_C = ssd_bwd.chunk_scan_bwd_dC(states, dA_cumsum, dy, C, ngroups, seq_idx, acc)
+        assert torch.equal(dC, dC_up) and torch.equal(from_C, from_C_up)
+
+        dcb = ssd_bwd.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, ngroups, seq_idx)
+        assert torch.equal(dcb, dcb_up)
+        assert dB.shape == dB_up.shape and dcb.shape == (batch, nchunks, ngroups, chunk, chunk)
+
+        in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dy, CB)
+        assert torch.equal(in_chunk.sum(-2), in_chunk_up)
+
+        if zero_once:  # the dt, A and dt_bias gradients (without accumulators, the mixer calls mamba_ssm's wrapper)
+            ddt_raw = torch.empty_like(dt_raw)
+            dA, ddt_bias = ssd_bwd.chunk_cumsum_bwd(in_chunk_up, ddt_up, dt_raw, A, dt_bias, dt_limit, ddt_raw, acc)
+            assert torch.equal(ddt_raw, ddt_raw_up) and torch.equal(dA, dA_up)
+            assert torch.equal(ddt_bias, ddt_bias_up)
+
+
+def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
+    """Each kernel that ``ssd_bwd`` launches without mamba_ssm's pre-hooks: the arguments its hooks zero are the
+    ones ``Accumulators`` zeroes."""
+    from hybridlm.ops import ssd_bwd
+
+    for kernel, zeroed in ssd_bwd.ZEROED_BY_PRE_HOOK.items():
+        module = next(m for m in (upstream.scan, upstream.state, upstream.combined) if hasattr(m, kernel))
+        tuner = getattr(module, kernel)
+        for config in tuner.configs:
+            args = {name: torch.ones(2) for name in tuner.arg_names}
+            config.pre_hook(args)
+            assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
