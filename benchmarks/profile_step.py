@@ -268,7 +268,8 @@ def launch_table(step, synchronize, top: int) -> None:
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
             continue
-        caller = next((frame for frame in event.stack if "/torch/" not in frame), "(no Python caller)")
+        # torch's own frames skipped; the autograd engine runs backward ops from C++, with no Python stack
+        caller = next((frame for frame in event.stack if "site-packages/torch/" not in frame), "(no Python caller)")
         row = launches[(event.name, caller)]
         row[0] += len(event.kernels)
         row[1] += sum(kernel.duration for kernel in event.kernels) / 1000
