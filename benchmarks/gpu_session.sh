@@ -289,7 +289,8 @@ for phase in "${phases[@]}"; do
       run bench-zeroonce 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     zeroonceops)  # the same lever at op level, the graphed step's kernel table, the Mamba-2 models and captured steps
-      run zeroonce-variants-8x4096 110 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
+      # (session 16's call gave op_variants 110 s, too few cold: it printed nothing)
+      run zeroonce-variants-8x4096 200 python3 benchmarks/op_variants.py $CFG --shape 8x4096 --ops conv_ssd_scan \
         --variants "kept chunk 128,kept zeroing pre-hooks 128" --each-error
       run prof-graph-1x32768 130 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 40 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json

@@ -14,9 +14,9 @@ pass them (mamba_ssm 2.3).
 
 Given ``Accumulators`` (``MixerKernels.zero_once``), the wrappers also drop the zeroing: mamba_ssm's autotuners
 zero each kernel's accumulators (the outputs it adds into atomically) in a pre-hook before every launch, a fill
-kernel each, and its wrappers allocate one with ``torch.zeros``; seven fills a layer, plus the dD buffer's
-second sum. ``Accumulators.zeroed`` carves them all from one buffer zeroed by one fill, and the kernels
-launch through the same configurations without the pre-hooks (``_launcher``): six launches a layer fewer.
+kernel each, and its dx wrapper allocates one with ``torch.zeros`` and sums it twice. ``Accumulators.zeroed``
+carves them all from one buffer zeroed by one fill, and the kernels launch through the same configurations
+without the pre-hooks (``_launcher``): seven fills a layer become one, and the dD buffer is summed once.
 """
 
 from __future__ import annotations
