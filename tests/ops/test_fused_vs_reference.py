@@ -570,8 +570,8 @@ KNOWN_FAILURES: dict[tuple[str, torch.dtype], str] = {
     # Failed on the H200 in session 15. Session 16 measured it (`gpu_session.sh knownfail`, then `zeroonce`):
     # forward max abs error 6.7e-2 against atol 0.03 + rtol 3e-3 (reference max 19.2), backward 8.75e-3 of max|g|
     # in dzxbcdt against 5e-3; mamba_ssm's own combined op gives the same errors to four digits at this shape. So
-    # the miss is mamba_ssm's kernels' fp32 accuracy over 72 chunks (their dot products run in TF32), not
-    # hybridlm's launches; the tolerance, set at 4 chunks, does not hold at 72. Both stay here to show the margin.
+    # the miss is mamba_ssm's kernels' fp32 accuracy over 72 chunks (likely their TF32 dot products, not isolated),
+    # not hybridlm's launches; the tolerance, set at 4 chunks, does not hold at 72. Both stay to show the margin.
     ("conv_ssd_scan[one split]", FP32): "fp32 over 72 chunks: forward 6.7e-2 abs, backward 8.75e-3 rel, as mamba_ssm's",
     ("conv_ssd_scan[one split,mamba_ssm combined]", FP32): "mamba_ssm's op misses it by the same margin",
 }
