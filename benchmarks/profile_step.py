@@ -257,8 +257,9 @@ def op_table(step, synchronize, top: int) -> None:
 def launch_table(step, synchronize, top: int) -> None:
     """Which torch op, called from which line of Python, launched the most kernels (memsets and fills
     included): the step's small launches, each of which costs its gap between kernels even in a CUDA graph, by
-    origin. Profile the eager step (no ``--graph``): a graph's replay hides its kernels' callers. Kernels no torch
-    op launched (Triton's, from Python) are not listed here; the kernel table counts them."""
+    origin. Profile the eager step (no ``--graph``): a graph's replay hides its kernels' callers. Triton kernels
+    launched from Python count under the autograd function they ran in (``ConvSSDScanBackward``: the mixer's
+    backward kernels); the kernel table has them by name."""
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True
     ) as prof:

@@ -564,7 +564,7 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
 }
 
 
-# Cases that failed and are not understood yet: they still run (an expected failure that reports its error rows,
+# Cases that fail, for a reason stated beside each: they still run (an expected failure that reports its error rows,
 # strict=False so a pass shows as XPASS), and the error table marks them instead of failing on them.
 KNOWN_FAILURES: dict[tuple[str, torch.dtype], str] = {
     # Failed on the H200 in session 15. Session 16 measured it (`gpu_session.sh knownfail`, then `zeroonce`):
