@@ -79,13 +79,19 @@ def _launcher(module: str, kernel: str, widen: bool = False, zeroed_by_caller: b
     return ssd_launch.widened(tuner, extra, reset_to_zero=ZEROED_BY_PRE_HOOK[kernel])
 
 
-def _dx_row_blocks(chunk_size: int) -> int:
-    """The dx kernel's D-gradient partial sums: one per row block of the least BLOCK_SIZE_M its list has (32, the
-    constant mamba_ssm's wrapper writes; ``ssd_launch``'s additions are no smaller)."""
+def _dx_shapes(x: torch.Tensor, nchunks: int, chunk_size: int, D: torch.Tensor, deterministic: bool):
+    """The dx kernel's ddt and dD buffers' shapes, as mamba_ssm's wrapper allocates them: ddt per step (and per
+    column tile, deterministically); dD per row block of the least BLOCK_SIZE_M its list has (32, the constant
+    mamba_ssm's wrapper writes; ``ssd_launch``'s additions are no smaller), and per column, tile or neither."""
     from mamba_ssm.ops.triton import ssd_combined
 
+    batch, _, nheads, headdim = x.shape
+    tiles = math.ceil(headdim / ssd_combined._CHUNK_SCAN_CHUNK_STATE_BWD_DX_MIN_BLOCK_N)
     configs = ssd_combined._chunk_scan_chunk_state_bwd_dx_kernel.configs
-    return triton.cdiv(chunk_size, min(config.kwargs["BLOCK_SIZE_M"] for config in configs))
+    row_blocks = triton.cdiv(chunk_size, min(config.kwargs["BLOCK_SIZE_M"] for config in configs))
+    D_columns = headdim if D.dim() == 2 else tiles if deterministic else 1
+    decays = (batch, nheads, nchunks, chunk_size)
+    return (*decays, tiles) if deterministic else decays, (row_blocks, batch, nchunks, nheads, D_columns)
 
 
 @dataclass
@@ -104,14 +110,11 @@ class Accumulators:
     @classmethod
     def zeroed(cls, x: torch.Tensor, nchunks: int, chunk_size: int, dstate: int, D: torch.Tensor) -> Accumulators:
         """For the backward of a scan over ``x`` (batch, seqlen, nheads, headdim): one buffer, one fill."""
-        from mamba_ssm.ops.triton import ssd_chunk_scan, ssd_chunk_state, ssd_combined
+        from mamba_ssm.ops.triton import ssd_chunk_scan, ssd_chunk_state
         from mamba_ssm.utils.determinism import use_deterministic_mode
 
-        batch, _, nheads, headdim = x.shape
+        batch, _, nheads, _ = x.shape
         deterministic = use_deterministic_mode()
-        dx_tiles = math.ceil(headdim / ssd_combined._CHUNK_SCAN_CHUNK_STATE_BWD_DX_MIN_BLOCK_N)
-        row_blocks = _dx_row_blocks(chunk_size)
-        D_columns = headdim if D.dim() == 2 else dx_tiles if deterministic else 1
         decays = (batch, nheads, nchunks, chunk_size)
         per_chunk = (batch, nchunks, nheads) if deterministic else (nheads,)
 
@@ -119,8 +122,7 @@ class Accumulators:
             return (*decays, math.ceil(dstate / min_block_n)) if deterministic else decays
 
         shapes = [
-            (*decays, dx_tiles) if deterministic else decays,
-            (row_blocks, batch, nchunks, nheads, D_columns),
+            *_dx_shapes(x, nchunks, chunk_size, D, deterministic),
             tiled(ssd_chunk_state._CHUNK_STATE_BWD_DB_MIN_BLOCK_N),
             tiled(ssd_chunk_scan._CHUNK_SCAN_BWD_DC_MIN_BLOCK_N),
             per_chunk,
@@ -298,12 +300,9 @@ def chunk_scan_chunk_state_bwd_dx(
     _, _, nchunks, chunk_size = dt.shape
     ngroups, dstate = B.shape[-2:]
     deterministic = use_deterministic_mode()
-    if acc is None:
-        tiles = math.ceil(headdim / upstream._CHUNK_SCAN_CHUNK_STATE_BWD_DX_MIN_BLOCK_N)
-        shape = (batch, nheads, nchunks, chunk_size)
-        ddt = torch.empty(*shape, tiles, device=x.device) if deterministic else torch.empty(*shape, device=x.device)
-        D_columns = headdim if D.dim() == 2 else tiles if deterministic else 1
-        dD = torch.empty(_dx_row_blocks(chunk_size), batch, nchunks, nheads, D_columns, device=x.device)
+    if acc is None:  # the pre-hook zeroes them
+        shapes = _dx_shapes(x, nchunks, chunk_size, D, deterministic)
+        ddt, dD = (torch.empty(shape, device=x.device) for shape in shapes)
     else:
         ddt, dD = acc.ddt, acc.dD
     kernel = _launcher(COMBINED, "_chunk_scan_chunk_state_bwd_dx_kernel", widen, zeroed_by_caller=acc is not None)
