@@ -1,8 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
-``hybridlm/ops/triton_cross_entropy.py`` and ``hybridlm/ops/state_passing.py``.
+``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py`` and ``hybridlm/ops/conv_bwd.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state,conv] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, gated_norm_bwd, state_passing, triton_cross_entropy
+from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, state_passing, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -161,6 +161,40 @@ def state_passing_variants(
     return fwd, bwd
 
 
+def conv_variants(batch: int, seqlen: int, channels: int, zxbcdt_width: int, quick: bool) -> dict[str, Callable]:
+    """The conv + SiLU backward as ``ops/conv_ssd.py`` calls it: x a slice of in_proj's bf16 output, the gradient
+    written into a slice of its gradient, fp32 weight and bias, documents packed in each row (``seq_idx``)."""
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+
+    dev, bf16 = "cuda", torch.bfloat16
+    zxbcdt = torch.randn(batch, seqlen, zxbcdt_width, device=dev, dtype=bf16)
+    x = zxbcdt[..., :channels]
+    weight = torch.randn(channels, conv_bwd.WIDTH, device=dev) * 0.5
+    bias = torch.randn(channels, device=dev) * 0.1
+    dout = torch.randn(batch, seqlen, channels, device=dev, dtype=bf16)
+    seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
+    dx = torch.empty_like(zxbcdt)[..., :channels]
+
+    def upstream():
+        _, dw, db, _ = causal_conv1d_bwd_function(
+            x.transpose(1, 2), weight, bias, dout.transpose(1, 2), seq_idx, None, None, dx.transpose(1, 2), False, True
+        )
+        return dx, dw, db
+
+    variants = {"causal_conv1d bwd": upstream}
+    defaults = (conv_bwd.SPAN, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.STAGES)
+    shapes = [defaults] if quick else itertools.product((128, 256, 512), (128, 256, 512), (1, 2, 4), (2, 3))
+    for span, block_c, warps, stages in shapes:
+        if block_c > 32 * warps * 8:  # over 8 channels a thread: ~20 windows of them, registers would spill
+            continue
+        variants[f"ours span {span} channels {block_c} warps {warps} stages {stages}"] = (
+            lambda s=span, c=block_c, w=warps, st=stages: conv_bwd.causal_conv1d_silu_bwd(
+                x, weight, bias, dout, seq_idx, dx=dx, span=s, block_c=c, num_warps=w, stages=st
+            )
+        )
+    return variants
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -183,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         fwd, bwd = state_passing_variants(batch, seqlen, cfg.mamba_n_heads, dim, cfg.mamba.chunk_size, args.quick)
         report("spfwd", fwd)
         report("spbwd", bwd)
+    if "conv" in kernels:
+        report("conv", conv_variants(batch, seqlen, cfg.conv_channels, width, args.quick))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
 - six of the backward's launches go through wrappers of hybridlm's (``ops/ssd_bwd.py``) that return the
   decays' gradient terms unsummed (``decay_grad`` sums them with the rest), skip mamba_ssm's sums over a
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
-  where mamba_ssm's pre-hooks launch one each.
+  where mamba_ssm's pre-hooks launch one each;
+- the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window over the tokens,
+  where causal_conv1d's recomputes each row's neighbours).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -60,6 +62,7 @@ class MixerKernels:
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
+    own_conv_bwd: bool = True  # ops/conv_bwd.py's sliding-window kernel, else causal_conv1d's backward
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -151,7 +154,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import ssd_bwd, ssd_launch, state_passing
+        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -234,14 +237,18 @@ class ConvSSDScan(torch.autograd.Function):
                 ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
             )
 
-        # the conv writes its input gradient straight into dzxbcdt where the slice's stride allows it
-        dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
-        _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
-            _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
-            dxBC_target.transpose(1, 2), False, True,
-        )  # fmt: skip
-        if dxBC_target is not dxBC_in:
-            dxBC_in.copy_(dxBC_target)
+        if kernels.own_conv_bwd:  # any row stride: x's gradient goes straight into dzxbcdt
+            _, dconv_weight, dconv_bias = conv_bwd.causal_conv1d_silu_bwd(
+                xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in
+            )
+        else:  # into dzxbcdt where the slice's stride allows it
+            dxBC_target = torch.empty_like(xBC_conv) if dxBC_in.stride(1) % 8 else dxBC_in
+            _, dconv_weight, dconv_bias, _ = causal_conv1d_bwd_function(
+                _channels_last(xBC), conv_weight, conv_bias, dxBC.transpose(1, 2), seq_idx, None, None,
+                dxBC_target.transpose(1, 2), False, True,
+            )  # fmt: skip
+            if dxBC_target is not dxBC_in:
+                dxBC_in.copy_(dxBC_target)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.ops.compiled import cross_entropy_ref
+from hybridlm.ops.conv import causal_conv1d_ref
 from hybridlm.ops.norm import gated_rms_norm_ref
 from hybridlm.ops.ssd import state_passing_ref
 
@@ -29,7 +30,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
 
 @pytest.fixture(scope="module")
 def kernels():
-    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing")
+    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing", "conv_bwd")
     return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
 
 
@@ -184,3 +185,62 @@ def test_state_passing_refuses_inputs_its_kernels_would_misread(kernels):
         module.state_passing_fwd(states, dA_last, torch.zeros(1, 40, dtype=torch.int32), chunk_size=4)
     with pytest.raises(ValueError, match=r"dentering \(1, 6, 2, 4\) must be \(1, 6, 2, 8\)"):
         module.state_passing_bwd(states, dA_last, torch.zeros(1, 6, 2, 4))
+
+
+@pytest.mark.parametrize(
+    "batch, seqlen, channels, width, packed, bias, span, block_c",
+    [
+        (2, 37, 48, 4, True, True, 8, 32),
+        (1, 20, 40, 4, False, False, 16, 16),
+        (2, 19, 24, 3, True, True, 5, 16),
+        (1, 9, 8, 2, False, True, 256, 256),
+    ],
+    ids=[
+        "packed, spans and channel blocks partial",
+        "one document, no bias",
+        "width 3, spans of 5",
+        "width 2, one span",
+    ],
+)
+def test_conv_backward_matches_autograd_through_the_reference(
+    kernels, batch, seqlen, channels, width, packed, bias, span, block_c
+):
+    torch.manual_seed(0)
+    pad = 5  # x and its gradient are slices of wider rows, as xBC inside in_proj's output and its gradient
+    x = torch.randn(batch, seqlen, channels + pad, dtype=torch.float64)[..., :channels]
+    weight = torch.randn(channels, width, dtype=torch.float64) * 0.5
+    b = torch.randn(channels, dtype=torch.float64) if bias else None
+    seq_idx = None
+    if packed:  # documents starting mid-span, within a filter's width of each other, and a row of one document
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[:, 7:] += 1
+        seq_idx[:, 9:] += 1
+        seq_idx[:, seqlen // 2 + 1 :] += 1
+        seq_idx[-1] = 0
+    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    out = causal_conv1d_ref(leaves[0].transpose(1, 2), leaves[1], leaves[2] if bias else None, "silu", seq_idx)
+    dout = torch.randn(batch, seqlen, channels, dtype=torch.float64)
+    out.transpose(1, 2).backward(dout)
+
+    dx_rows = torch.zeros(batch, seqlen, channels + pad, dtype=torch.float64)
+    dx, dweight, dbias = kernels["conv_bwd"].causal_conv1d_silu_bwd(
+        x, weight, b, dout, seq_idx, dx=dx_rows[..., :channels], span=span, block_c=block_c
+    )
+    torch.testing.assert_close(dx, leaves[0].grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dweight, leaves[1].grad, atol=1e-5, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(dbias, leaves[2].grad, atol=1e-5, rtol=1e-5)
+    else:
+        assert dbias is None
+    assert dx.data_ptr() == dx_rows.data_ptr() and not dx_rows[..., channels:].any()  # written into the view only
+
+
+def test_conv_backward_refuses_inputs_its_kernel_would_misread(kernels):
+    module = kernels["conv_bwd"]
+    x = torch.zeros(1, 6, 8)
+    with pytest.raises(ValueError, match=r"weight \(8, 5\) must be \(8, width <= 4\)"):
+        module.causal_conv1d_silu_bwd(x, torch.zeros(8, 5), None, x)
+    with pytest.raises(ValueError, match=r"dout \(1, 6, 8\) must be \(1, 6, 8\), unit stride"):
+        module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, torch.zeros(1, 8, 6).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"seq_idx must be \(1, 6\) int32"):
+        module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, x, torch.zeros(1, 6, dtype=torch.int64))
