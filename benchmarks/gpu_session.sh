@@ -309,6 +309,14 @@ for phase in "${phases[@]}"; do
         --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
       run convbwd-variants 200 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
         --variants "kept chunk 128,kept causal_conv1d bwd 128" --each-error ;;
+    convtrack)  # the conv backward with and without documents (timed alone), then the 200-step tracking and the
+      # mixer's GPU tests with documents and the captured steps, sharing the GPU (neither timed)
+      run conv-sweep 100 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels conv
+      track200 420 &
+      run convbwd-tests 410 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and (causal_conv1d or seq_idx]) or captured_step and 2"
+      wait ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

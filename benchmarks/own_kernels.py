@@ -161,9 +161,12 @@ def state_passing_variants(
     return fwd, bwd
 
 
-def conv_variants(batch: int, seqlen: int, channels: int, zxbcdt_width: int, quick: bool) -> dict[str, Callable]:
+def conv_variants(
+    batch: int, seqlen: int, channels: int, zxbcdt_width: int, packed: bool, quick: bool
+) -> dict[str, Callable]:
     """The conv + SiLU backward as ``ops/conv_ssd.py`` calls it: x a slice of in_proj's bf16 output, the gradient
-    written into a slice of its gradient, fp32 weight and bias, documents packed in each row (``seq_idx``)."""
+    written into a slice of its gradient, fp32 weight and bias; ``packed``: documents of 1000 tokens in each row
+    (``seq_idx``), else one."""
     from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
 
     dev, bf16 = "cuda", torch.bfloat16
@@ -173,6 +176,7 @@ def conv_variants(batch: int, seqlen: int, channels: int, zxbcdt_width: int, qui
     bias = torch.randn(channels, device=dev) * 0.1
     dout = torch.randn(batch, seqlen, channels, device=dev, dtype=bf16)
     seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
+    seq_idx = seq_idx if packed else None
     dx = torch.empty_like(zxbcdt)[..., :channels]
 
     def upstream():
@@ -183,7 +187,7 @@ def conv_variants(batch: int, seqlen: int, channels: int, zxbcdt_width: int, qui
 
     variants = {"causal_conv1d bwd": upstream}
     defaults = (conv_bwd.SPAN, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.STAGES)
-    shapes = [defaults] if quick else itertools.product((32, 64, 128), (128, 256), (2, 4), (2,))
+    shapes = [defaults] if quick else itertools.product((64, 128), (128, 256), (2, 4), (2,))
     for span, block_c, warps, stages in shapes:
         if block_c > 32 * warps * 8:  # over 8 channels a thread: ~20 windows of them, registers would spill
             continue
@@ -218,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         report("spfwd", fwd)
         report("spbwd", bwd)
     if "conv" in kernels:
-        report("conv", conv_variants(batch, seqlen, cfg.conv_channels, width, args.quick))
+        for packed in (True, False):
+            kernel = "conv" if packed else "conv1"  # documents packed, one document a row
+            report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """The backward of Mamba's short convolution with SiLU, ``silu(bias + causal depthwise conv(x))``, as one Triton
 kernel that walks the tokens one row at a time.
 
-causal_conv1d's channel-last backward took 0.30 ms a layer at the 500M config's (32768, 2304) on an H200,
-~1.5 TB/s for the ~450 MB it must move (read x and the output's gradient, write x's gradient): 6.3 ms of a
-1x32768 training step over 21 layers (``benchmarks/profile_step.py``). Each output row needs the activation's
-slope at that row, so a kernel working on tiles of rows recomputes the pre-activation of the three rows past its
-tile's edge for every row, four times over. This kernel gives each program a span of tokens and one block of
-channels and carries a sliding window in registers instead: each step loads one new row of x and of the
-gradient, computes one pre-activation, and emits the input gradient of the row three steps behind. The weight's
-and bias's gradients are summed per program and then over programs (deterministic, no atomics).
+causal_conv1d's channel-last backward took 0.30 ms a layer at the 500M config's (32768, 2304) in the graphed
+training step on an H200 (``benchmarks/profile_step.py``), ~1.5 TB/s for the ~450 MB it must move (read x and the
+output's gradient, write x's gradient), and 0.41 ms with packed documents (``seq_idx``). This kernel gives each
+program a span of tokens and one block of channels and carries a sliding window in registers: each step loads one
+new row of x and of the gradient, computes one pre-activation and its SiLU slope, and emits the input gradient of
+the row three steps behind. The weight's and bias's gradients are summed per program and then over programs
+(deterministic, no atomics). With documents it is ~1.4x faster than causal_conv1d's; ``ops/conv_ssd.py`` uses it
+only then (the launch-shape comment below has the times).
 
 Width 4 at most (Mamba's ``d_conv``; narrower filters are padded with zero taps in front), any row stride, unit
 channel stride. With ``seq_idx`` no tap reaches across a document boundary, as in the forward. CUDA (or Triton's
@@ -23,10 +23,11 @@ import triton.language as tl
 
 WIDTH = 4  # taps the kernel is written for
 # The launch shape, from ``benchmarks/own_kernels.py --kernels conv`` at the 500M config's 1x32768 on an H200 (x a
-# slice of in_proj's bf16 output, documents packed): causal_conv1d's backward 0.415 ms; this kernel 0.298 ms at spans
-# of 128 tokens, 256 channels, 4 warps; 0.352 at spans of 256, 0.363 at 512 (fewer programs in flight: each waits
-# on its row's loads); 1 warp was slowest. Loads ahead (STAGES 2 or 3) made no difference.
-SPAN = 128  # tokens per program
+# slice of in_proj's bf16 output, documents of 1000 tokens packed): causal_conv1d's backward 0.413-0.415 ms; this
+# kernel 0.289 ms at spans of 64 tokens, 256 channels, 4 warps (0.290 at 128 channels and 2 warps, 0.292 at spans of
+# 32, 0.298 at 128, 0.352 at 256, 0.363 at 512: fewer programs in flight, each waiting on its row's loads); 1 warp
+# was slowest. Loads ahead (STAGES 2 or 3) made no difference.
+SPAN = 64  # tokens per program
 BLOCK_C = 256  # channels per program
 NUM_WARPS = 4
 STAGES = 2  # the token loop's software pipelining, rows loaded ahead of the one computed

@@ -27,8 +27,8 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   decays' gradient terms unsummed (``decay_grad`` sums them with the rest), skip mamba_ssm's sums over a
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
   where mamba_ssm's pre-hooks launch one each;
-- the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window over the tokens,
-  where causal_conv1d's recomputes each row's neighbours).
+- with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
+  over the tokens; causal_conv1d's slows down by a third when it has to respect document boundaries).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -62,7 +62,7 @@ class MixerKernels:
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
-    own_conv_bwd: bool = True  # ops/conv_bwd.py's sliding-window kernel, else causal_conv1d's backward
+    own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -237,7 +237,9 @@ class ConvSSDScan(torch.autograd.Function):
                 ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
             )
 
-        if kernels.own_conv_bwd:  # any row stride: x's gradient goes straight into dzxbcdt
+        # causal_conv1d's backward slows down by a third with documents (seq_idx), hybridlm's does not; without
+        # them causal_conv1d's is the faster (ops/conv_bwd.py's docstring has the times)
+        if kernels.own_conv_bwd and seq_idx is not None:  # any row stride: x's gradient goes into dzxbcdt
             _, dconv_weight, dconv_bias = conv_bwd.causal_conv1d_silu_bwd(
                 xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in
             )
