@@ -55,6 +55,13 @@ for phase in "${phases[@]}"; do
         --warmup 1 --steps 2 --out "$OUT/bench.jsonl"
       run final-decode 120 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
         --decode --out "$OUT/bench.jsonl" ;;
+    table)  # the README table without the longest-sequence search (a call with ~500 s of device time left)
+      run final-train 250 python3 -m hybridlm bench $CFG --systems hybridlm,mamba_ssm,hybridlm-transformer \
+        --warmup 2 --steps 6 --out "$OUT/bench.jsonl"
+      run final-hf 70 python3 -m hybridlm bench $CFG --shapes 2x4096 --systems hybridlm,hf-bamba,hf-llama \
+        --warmup 2 --steps 5 --out "$OUT/bench.jsonl"
+      run final-decode 120 python3 -m hybridlm bench $CFG --shapes none --systems hybridlm,hybridlm-transformer,mamba_ssm \
+        --decode --out "$OUT/bench.jsonl" ;;
     long)  # the 1x32768 shape, decode at 32k, the longest sequence (after a first call spent its time elsewhere)
       run long-train 160 python3 -m hybridlm bench $CFG --shapes 1x32768 --systems hybridlm,mamba_ssm \
         --warmup 2 --steps 4 --out "$OUT/bench.jsonl"
