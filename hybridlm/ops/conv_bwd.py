@@ -23,10 +23,11 @@ import triton.language as tl
 
 WIDTH = 4  # taps the kernel is written for
 # The launch shape, from ``benchmarks/own_kernels.py --kernels conv`` at the 500M config's 1x32768 on an H200 (x a
-# slice of in_proj's bf16 output, documents of 1000 tokens packed): causal_conv1d's backward 0.413-0.415 ms; this
+# slice of in_proj's bf16 output, documents of 1000 tokens packed): causal_conv1d's backward 0.413-0.419 ms; this
 # kernel 0.289 ms at spans of 64 tokens, 256 channels, 4 warps (0.290 at 128 channels and 2 warps, 0.292 at spans of
 # 32, 0.298 at 128, 0.352 at 256, 0.363 at 512: fewer programs in flight, each waiting on its row's loads); 1 warp
-# was slowest. Loads ahead (STAGES 2 or 3) made no difference.
+# was slowest. Loads ahead (STAGES 2 or 3) made no difference. With one document a row: 0.286 ms against
+# causal_conv1d's 0.288 (70309812), and the mixer op 2% slower with it (``op_variants.py``), so it serves documents.
 SPAN = 64  # tokens per program
 BLOCK_C = 256  # channels per program
 NUM_WARPS = 4

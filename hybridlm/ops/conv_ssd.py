@@ -237,8 +237,8 @@ class ConvSSDScan(torch.autograd.Function):
                 ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
             )
 
-        # causal_conv1d's backward slows down by a third with documents (seq_idx), hybridlm's does not; without
-        # them causal_conv1d's is the faster (ops/conv_bwd.py's docstring has the times)
+        # causal_conv1d's backward slows down by 45% with documents (seq_idx), hybridlm's does not; without them the
+        # two kernels are level and the op measured 2% slower with hybridlm's (ops/conv_bwd.py has the times)
         if kernels.own_conv_bwd and seq_idx is not None:  # any row stride: x's gradient goes into dzxbcdt
             _, dconv_weight, dconv_bias = conv_bwd.causal_conv1d_silu_bwd(
                 xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in
