@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 WIDTH = 4  # taps the kernel is written for
-# The launch shape, from ``benchmarks/own_kernels.py --kernels conv`` at the 500M config's 1x32768 on an H200 (x a
+# The launch shape, from ``benchmarks/own_kernels.py --kernels conv`` at the 500M config's 1x32768 on an H200 (three
+# sweeps, fbd908b / aeecd50 / 70309812, over spans of 32-512 tokens, 128-512 channels, 1-4 warps; x a
 # slice of in_proj's bf16 output, documents of 1000 tokens packed): causal_conv1d's backward 0.413-0.419 ms; this
 # kernel 0.289 ms at spans of 64 tokens, 256 channels, 4 warps (0.290 at 128 channels and 2 warps, 0.292 at spans of
 # 32, 0.298 at 128, 0.352 at 256, 0.363 at 512: fewer programs in flight, each waiting on its row's loads); 1 warp
@@ -224,7 +225,7 @@ def causal_conv1d_silu_bwd(
             dx, dw_partial,
             seqlen, channels, span,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-            seqlen if seq_idx is None else seq_idx.stride(0),
+            seqlen if seq_idx is None else seq.stride(0),
             HAS_BIAS=bias is not None, HAS_SEQ_IDX=seq_idx is not None,
             BLOCK_C=block_c, STAGES=stages, num_warps=num_warps,
         )  # fmt: skip

@@ -28,7 +28,7 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
   where mamba_ssm's pre-hooks launch one each;
 - with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
-  over the tokens; causal_conv1d's slows down by a third when it has to respect document boundaries).
+  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -237,7 +237,7 @@ class ConvSSDScan(torch.autograd.Function):
                 ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
             )
 
-        # causal_conv1d's backward slows down by 45% with documents (seq_idx), hybridlm's does not; without them the
+        # causal_conv1d's backward takes 45% longer with documents (seq_idx), hybridlm's does not; without them the
         # two kernels are level and the op measured 2% slower with hybridlm's (ops/conv_bwd.py has the times)
         if kernels.own_conv_bwd and seq_idx is not None:  # any row stride: x's gradient goes into dzxbcdt
             _, dconv_weight, dconv_bias = conv_bwd.causal_conv1d_silu_bwd(
