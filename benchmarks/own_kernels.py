@@ -188,9 +188,7 @@ def conv_variants(
     variants = {"causal_conv1d bwd": upstream}
     defaults = (conv_bwd.SPAN, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.STAGES)
     shapes = [defaults] if quick else itertools.product((64, 128), (128, 256), (2, 4), (2,))
-    for span, block_c, warps, stages in shapes:
-        if block_c > 32 * warps * 8:  # over 8 channels a thread: ~20 windows of them, registers would spill
-            continue
+    for span, block_c, warps, stages in shapes:  # 1 warp and 512 channels were slower in earlier sweeps (conv_bwd.py)
         variants[f"ours span {span} channels {block_c} warps {warps} stages {stages}"] = (
             lambda s=span, c=block_c, w=warps, st=stages: conv_bwd.causal_conv1d_silu_bwd(
                 x, weight, bias, dout, seq_idx, dx=dx, span=s, block_c=c, num_warps=w, stages=st

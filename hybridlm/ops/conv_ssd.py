@@ -200,24 +200,22 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
             ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
+        # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
+        # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
+        # further from the reference, and slower (README, Performance).
         acc = None
-        if kernels.own_bwd_launch:
+        if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
             dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
                 x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
             )
-        else:
-            dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-        # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
-        # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
-        # further from the reference, and slower (README, Performance).
-        if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
             dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
             dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
             ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
         else:
+            dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
             dB_states, ddA_from_B = _chunk_state_bwd_db(
                 x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
             )
