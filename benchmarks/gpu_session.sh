@@ -323,13 +323,6 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and (causal_conv1d or seq_idx]) or captured_step and 2"
       wait ;;
-    cbbwd)  # hybridlm's one kernel for dCB and the in-chunk decays: its launch sweep against mamba_ssm's two at
-      # 1x32768, the mixer's GPU tests against them and the reference, then the mixer op timed with and without it
-      run cb-sweep 170 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb
-      run cbbwd-tests 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        --durations=5 -k "conv_ssd_scan and (dcb or seq_idx] or scan-)"
-      run cbbwd-variants 100 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
-        --variants "kept chunk 128,kept upstream dcb and ddAcs 128" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

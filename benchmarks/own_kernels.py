@@ -1,10 +1,8 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
-``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py`` and
-``hybridlm/ops/ssd_cb_bwd.py``.
+``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py`` and ``hybridlm/ops/conv_bwd.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state,conv,cb]
-        [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state,conv] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -22,7 +20,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, ssd_bwd, ssd_cb_bwd, state_passing, triton_cross_entropy
+from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, state_passing, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -199,48 +197,6 @@ def conv_variants(
     return variants
 
 
-def cb_variants(
-    batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, chunk: int, packed: bool, quick: bool
-) -> dict[str, Callable]:
-    """dCB and the in-chunk decays' gradient as ``ops/conv_ssd.py``'s backward asks for them: x a slice of the conv's
-    bf16 output, the scan output's gradient bf16, dt and the cumulative decays fp32, C·Bᵀ fp32 (zero across
-    documents where ``packed``: documents of 1000 tokens). Every variant's decay gradient is summed over its row
-    tiles (one small reduction, in each time alike; the mixer leaves it to ``decay_grad``)."""
-    dev, bf16 = "cuda", torch.bfloat16
-    nchunks = seqlen // chunk
-    d_inner, dstate = nheads * headdim, 128
-    xbc = torch.randn(batch, seqlen, d_inner + 2 * ngroups * dstate, device=dev, dtype=bf16)
-    x = xbc[..., :d_inner].unflatten(-1, (nheads, headdim))
-    dout = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=bf16)
-    dt = torch.rand(batch, nheads, nchunks, chunk, device=dev) * 0.1
-    dA_cumsum = (-dt * torch.rand(nheads, device=dev)[:, None, None]).cumsum(-1)
-    cb = torch.randn(batch, nchunks, ngroups, chunk, chunk, device=dev)
-    seq_idx = None
-    if packed:
-        seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
-        docs = seq_idx.view(batch, nchunks, 1, chunk)
-        cb = cb * (docs[..., :, None] == docs[..., None, :])
-
-    def upstream():
-        dcb = ssd_bwd.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups, seq_idx)
-        return dcb, ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dout, cb).sum(-2)
-
-    def ours(**launch):
-        def run():
-            dcb, dda = ssd_cb_bwd.chunk_scan_bwd_dcb_ddA(x, dt, dA_cumsum, dout, cb, seq_idx, **launch)
-            return dcb, dda.sum(-2)
-
-        return run
-
-    variants = {"mamba_ssm dcb + ddAcs_stable": upstream}
-    defaults = (ssd_cb_bwd.BLOCK_M, ssd_cb_bwd.HEADS_PER_PROGRAM, ssd_cb_bwd.NUM_WARPS, ssd_cb_bwd.CUMSUM_BY_DOT)
-    shapes = [defaults] if quick else itertools.product((32, 64, 128), (4, 8, 32), (4, 8), (False, True))
-    for block_m, heads, warps, by_dot in shapes:
-        name = f"ours rows {block_m} heads {heads} warps {warps}{' by dot' if by_dot else ''}"
-        variants[name] = ours(block_m=block_m, heads_per_program=heads, num_warps=warps, cumsum_by_dot=by_dot)
-    return variants
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -267,13 +223,6 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
-    if "cb" in kernels:
-        m = cfg.mamba
-        for packed in (False, True):
-            variants = cb_variants(
-                batch, seqlen, cfg.mamba_n_heads, m.head_dim, m.ngroups, m.chunk_size, packed, args.quick
-            )
-            report("cb" if packed else "cb1", variants)  # documents packed, one document a row
 
 
 if __name__ == "__main__":

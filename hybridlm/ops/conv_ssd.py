@@ -63,7 +63,6 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    own_cb_bwd: bool = True  # with own_bwd_launch: ops/ssd_cb_bwd.py's one kernel for dCB and the in-chunk decays
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -155,7 +154,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_cb_bwd, ssd_launch, state_passing
+        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -213,11 +212,8 @@ class ConvSSDScan(torch.autograd.Function):
             )
             dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
             dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
-            if kernels.own_cb_bwd:  # one product dy·xᵀ per head for both
-                dCB, ddA_in_chunk = ssd_cb_bwd.chunk_scan_bwd_dcb_ddA(x, dt_act, dA_cumsum, dy, CB, seq_idx)
-            else:
-                dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
-                ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
+            dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
+            ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
         else:
             dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
             dB_states, ddA_from_B = _chunk_state_bwd_db(

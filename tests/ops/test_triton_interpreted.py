@@ -30,7 +30,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
 
 @pytest.fixture(scope="module")
 def kernels():
-    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing", "conv_bwd", "ssd_cb_bwd")
+    names = ("gated_norm_bwd", "triton_cross_entropy", "state_passing", "conv_bwd")
     return {name: importlib.import_module(f"hybridlm.ops.{name}") for name in names}
 
 
@@ -244,80 +244,3 @@ def test_conv_backward_refuses_inputs_its_kernel_would_misread(kernels):
         module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, torch.zeros(1, 8, 6).transpose(1, 2))
     with pytest.raises(ValueError, match=r"seq_idx must be \(1, 6\) int32"):
         module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, x, torch.zeros(1, 6, dtype=torch.int64))
-
-
-def _in_chunk_scan_ref(x, dt, dA, cb, seq_idx, chunk):
-    """The scan's in-chunk term: y[m] = Σ_{n <= m, same document} cb[m, n] · exp(S[m] - S[n]) · dt[n] · x[n] per head,
-    S the cumulative sum of the steps' log decays ``dA`` within the chunk. x (batch, seqlen, nheads, headdim);
-    dt, dA (batch, nheads, nchunks, chunk); cb (batch, nchunks, ngroups, chunk, chunk)."""
-    batch, seqlen, nheads, headdim = x.shape
-    nchunks, ngroups = dt.shape[2], cb.shape[2]
-    padded = nchunks * chunk
-    xc = F.pad(x, (0, 0, 0, 0, 0, padded - seqlen)).view(batch, nchunks, chunk, nheads, headdim)
-    docs = torch.full((batch, padded), -1, dtype=torch.int64)
-    docs[:, :seqlen] = 0 if seq_idx is None else seq_idx
-    docs = docs.view(batch, nchunks, chunk)
-    steps = torch.arange(chunk)
-    mask = (steps[:, None] >= steps[None, :]) & (docs[..., :, None] == docs[..., None, :])  # (batch, nchunks, m, n)
-    S = dA.cumsum(-1)
-    decay = torch.exp((S[..., :, None] - S[..., None, :]).masked_fill(~mask[:, None], float("-inf")))
-    weights = cb.repeat_interleave(nheads // ngroups, dim=2).transpose(1, 2) * decay * dt[..., None, :]
-    y = torch.einsum("bhcmn,bcnhp->bcmhp", weights, xc)
-    return y.reshape(batch, padded, nheads, headdim)[:, :seqlen]
-
-
-# The prefix sums by bf16 dot products (``cumsum_by_dot``) are not here: Triton 3.9's interpreter multiplies bf16
-# tiles wrongly (a 16x16 product off by 1e10); the GPU tests compare that path with mamba_ssm's kernels.
-@pytest.mark.parametrize(
-    "packed, block_m, heads_per_program",
-    [(True, 8, 2), (False, 16, 3), (True, 16, 1)],
-    ids=[
-        "packed, row tiles of 8, runs of 2 heads (the last of 1)",
-        "one document, one tile, one run a group",
-        "packed, one tile, a run a head",
-    ],
-)
-def test_cb_backward_matches_autograd_through_the_in_chunk_scan(kernels, packed, block_m, heads_per_program):
-    torch.manual_seed(0)
-    batch, seqlen, chunk, nheads, ngroups, headdim = 2, 40, 16, 6, 2, 8  # the last chunk partial, headdim < 16
-    nchunks = 3
-    pad = 3  # x is a slice of wider rows, as in the conv's output
-    x = torch.randn(batch, seqlen, nheads, headdim + pad)[..., :headdim]
-    dt = torch.rand(batch, nheads, nchunks, chunk) + 0.1
-    dA = -torch.rand(batch, nheads, nchunks, chunk) * dt
-    seq_idx = None
-    if packed:  # documents starting mid-chunk and at a chunk's first step; one row of one document
-        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
-        seq_idx[:, 5:] += 1
-        seq_idx[:, 16:] += 1
-        seq_idx[:, 30:] += 1
-        seq_idx[-1] = 0
-    cb = torch.randn(
-        batch, nchunks, ngroups, chunk, chunk
-    )  # every entry: the kernel must ignore those above the diagonal
-    if packed:  # the forward's C·Bᵀ is zero across documents
-        docs = F.pad(seq_idx, (0, nchunks * chunk - seqlen), value=-1).view(batch, nchunks, 1, chunk)
-        cb = cb * (docs[..., :, None] == docs[..., None, :])
-    dout = torch.randn(batch, seqlen, nheads, headdim)
-
-    leaves = [t.double().requires_grad_() for t in (cb, dA)]
-    _in_chunk_scan_ref(x.double(), dt.double(), leaves[1], leaves[0], seq_idx, chunk).backward(dout.double())
-    dcb, dda_tiles = kernels["ssd_cb_bwd"].chunk_scan_bwd_dcb_ddA(
-        x, dt, dA.cumsum(-1), dout, cb, seq_idx,
-        block_m=block_m, heads_per_program=heads_per_program, num_warps=1,
-    )  # fmt: skip
-    assert dda_tiles.shape == (batch, nheads, nchunks, chunk // block_m, chunk)
-    torch.testing.assert_close(dcb.double(), leaves[0].grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dda_tiles.sum(-2).double(), leaves[1].grad, atol=1e-5, rtol=1e-5)
-
-
-def test_cb_backward_refuses_inputs_its_kernel_would_misread(kernels):
-    module = kernels["ssd_cb_bwd"]
-    x, dt = torch.zeros(1, 32, 4, 8), torch.zeros(1, 4, 2, 16)
-    with pytest.raises(ValueError, match=r"cb is \(1, 2, 2, 16, 8\), not \(1, 2, 2, 16, 16\)"):
-        module.chunk_scan_bwd_dcb_ddA(x, dt, dt, x, torch.zeros(1, 2, 2, 16, 8))
-    with pytest.raises(ValueError, match=r"2 chunks of 16 do not cover 40 steps"):
-        x40 = torch.zeros(1, 40, 4, 8)
-        module.chunk_scan_bwd_dcb_ddA(x40, dt, dt, x40, torch.zeros(1, 2, 2, 16, 16))
-    with pytest.raises(ValueError, match=r"seq_idx is \(1, 31\), not \(1, 32\)"):
-        module.chunk_scan_bwd_dcb_ddA(x, dt, dt, x, torch.zeros(1, 2, 2, 16, 16), torch.zeros(1, 31, dtype=torch.int32))
