@@ -323,6 +323,16 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and (causal_conv1d or seq_idx]) or captured_step and 2"
       wait ;;
+    sidestream)  # the SSD backward's independent kernels on a second stream: the mixer op with and without at
+      # 1x32768, training against the mamba_ssm hybrid at both shapes, then the GPU tests (the op against one stream
+      # and the reference, the Mamba-2 models, the captured steps)
+      run stream-variants 100 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept one stream 128"
+      run bench-stream 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run stream-tests 220 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and (stream or seq_idx]) or model_fused_matches_reference and 2- or captured_step and 2" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -36,7 +36,9 @@ own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_varian
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch.amp import custom_bwd, custom_fwd
@@ -63,6 +65,7 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
+    side_stream: bool = True  # the SSD backward's kernels that dx's does not wait for on a second stream, else one
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -144,12 +147,7 @@ class ConvSSDScan(torch.autograd.Function):
         from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
         from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd
         from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd
-        from mamba_ssm.ops.triton.ssd_chunk_scan import (
-            _chunk_scan_bwd_dC,
-            _chunk_scan_bwd_dcb,
-            _chunk_scan_bwd_ddAcs_stable,
-            _chunk_scan_bwd_dstates,
-        )
+        from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dC, _chunk_scan_bwd_dstates
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_bwd, _chunk_state_bwd_db
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
@@ -187,6 +185,12 @@ class ConvSSDScan(torch.autograd.Function):
         dy = dy.view_as(x)
 
         # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
+        # With side_stream, C·Bᵀ's gradient and the in-chunk decays' (which need only dy), then B's and C's through
+        # the states, run on a second stream beside the states' gradient and dx's kernel (the longest): mamba_ssm's
+        # backward kernels each leave much of the GPU idle at these shapes.
+        side = _side_stream(dy.device) if kernels.side_stream and dy.is_cuda else None
+        with _forked(side):
+            dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
         dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
         if kernels.own_state_passing:
             dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
@@ -200,30 +204,29 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
             ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
-        # The in-chunk part of dA_cumsum's gradient has a kernel of its own: summing per-step terms instead (an
-        # identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x
-        # further from the reference, and slower (README, Performance).
         acc = None
-        if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
-            if kernels.zero_once:
-                acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
+        if kernels.own_bwd_launch and kernels.zero_once:
+            acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
+        with _forked(side):
+            if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
+                dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(
+                    x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc
+                )
+                dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
+            else:
+                dB_states, ddA_from_B = _chunk_state_bwd_db(
+                    x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
+                )
+                dC_states, ddA_from_C = _chunk_scan_bwd_dC(
+                    states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
+                )
+        if kernels.own_bwd_launch:
             dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
                 x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
             )
-            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
-            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
-            dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
-            ddA_in_chunk = ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
         else:
             dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-            dB_states, ddA_from_B = _chunk_state_bwd_db(
-                x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
-            )
-            dC_states, ddA_from_C = _chunk_scan_bwd_dC(
-                states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
-            )
-            dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups)
-            ddA_in_chunk = _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)[..., None, :]
+        _join(side, dCB, ddA_in_chunk, dB_states, ddA_from_B, dC_states, ddA_from_C)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
@@ -250,6 +253,48 @@ class ConvSSDScan(torch.autograd.Function):
             if dxBC_target is not dxBC_in:
                 dxBC_in.copy_(dxBC_target)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
+
+
+def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, seq_idx, own_launch: bool):
+    """C·Bᵀ's gradient and the in-chunk part of the decays' (partial sums over row tiles). The latter has a kernel
+    of its own: summing per-step terms instead (an identity, tests/ops/test_ssd_ref.py) cancels large terms: A's
+    and dt_bias's gradients came out 80-240x further from the reference, and slower (README, Performance)."""
+    from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable
+
+    from hybridlm.ops import ssd_bwd
+
+    if own_launch:
+        dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
+        return dCB, ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
+    dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups)
+    return dCB, _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)[..., None, :]
+
+
+@cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@contextmanager
+def _forked(side: torch.cuda.Stream | None):
+    """Runs the block's kernels on ``side`` (when given) after everything queued so far on the current stream."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join(side: torch.cuda.Stream | None, *made_on_side: torch.Tensor) -> None:
+    """The current stream waits for ``side``; the tensors made there are marked as used here, so that the caching
+    allocator does not hand their memory to ``side`` again while this stream may still read it."""
+    if side is None:
+        return
+    current = torch.cuda.current_stream()
+    current.wait_stream(side)
+    for t in made_on_side:
+        t.record_stream(current)
 
 
 def decay_grad(
