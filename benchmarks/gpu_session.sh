@@ -333,6 +333,15 @@ for phase in "${phases[@]}"; do
       run stream-tests 220 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and (stream or seq_idx]) or model_fused_matches_reference and 2- or captured_step and 2" ;;
+    streamab)  # the second stream on and off in one process (--ablate side_stream), twice, after the captured
+      # steps' and the Mamba-2 models' GPU tests
+      run stream-models 250 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "model_fused_matches_reference and 2- or captured_step and 2"
+      for i in 1 2; do
+        run bench-streamab-$i 150 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
+          --ablate side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
+      done ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

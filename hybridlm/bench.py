@@ -36,6 +36,7 @@ from hybridlm.flops import flops_per_token, peak_flops
 from hybridlm.model import HybridLM
 from hybridlm.model.decoding import GraphedDecoder, graph_unsupported
 from hybridlm.model.model import next_token_targets
+from hybridlm.ops.conv_ssd import MixerKernels, mixer_kernels
 from hybridlm.ops.dispatch import available
 from hybridlm.train.graphed_step import GraphedTraining, training_graph_unsupported
 
@@ -53,7 +54,9 @@ HARNESS_LEVERS_OFF = {
     "cuda_graph": {"cuda_graph": False},
     "cast_once": {"cast_once": False},
 }
-ABLATIONS = (*LEVERS, *HARNESS_LEVERS_OFF)  # what --ablate can turn off, one at a time
+ABLATIONS = (*LEVERS, *HARNESS_LEVERS_OFF)  # what --ablate all turns off, one at a time
+# The fused Mamba-2 mixer's own choices (``MixerKernels``), each also a lever --ablate takes by name
+MIXER_LEVERS = tuple(f.name for f in dataclasses.fields(MixerKernels))
 LOSS_CHUNK_TOKENS = 8192  # the chunked cross-entropy of the memory-saving mode
 
 
@@ -356,22 +359,27 @@ def ablation_rows(
             if lever in LEVERS:
                 with ops.reference_ops(lever):
                     row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
+            elif lever in MIXER_LEVERS:
+                with mixer_kernels(**{lever: False}):
+                    row = measure_training(system, cfg, batch, seq_len, warmup, steps, device)
             else:
                 row = measure_training(system, cfg, batch, seq_len, warmup, steps, device, **HARNESS_LEVERS_OFF[lever])
             yield {**row, "system": f"{REFERENCE_SYSTEM} -{lever}", "without": lever}
 
 
 def parse_ablate(text: str | None) -> tuple[str, ...]:
-    """``--ablate``: nothing (None), every lever ("all") or a comma-separated list of ``ABLATIONS``."""
+    """``--ablate``: nothing (None), every lever of ``ABLATIONS`` ("all") or a comma-separated list of those and
+    ``MIXER_LEVERS``."""
     if text is None:
         return ()
     if text.strip().lower() == "all":
         return ABLATIONS
     levers = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in levers if t not in ABLATIONS]
+    unknown = [t for t in levers if t not in ABLATIONS + MIXER_LEVERS]
     if unknown or not levers:
         named = ", ".join(unknown) or repr(text)
-        raise ValueError(f"--ablate: unknown lever {named} (choose from all or {', '.join(ABLATIONS)})")
+        choices = ", ".join(ABLATIONS + MIXER_LEVERS)
+        raise ValueError(f"--ablate: unknown lever {named} (choose from all or {choices})")
     return levers
 
 

@@ -255,6 +255,25 @@ def test_ablate_names_levers_and_skips_the_graph_where_there_is_none(monkeypatch
     assert [r["without"] for r in rows] == ["swiglu"]  # on CPU the step has no graph to turn off
 
 
+def test_ablate_turns_a_mixer_choice_off_for_its_rows_only(monkeypatch):
+    from hybridlm.ops import conv_ssd
+
+    seen = []
+
+    def fake_measure(system, cfg, batch, seq_len, warmup, steps, device, **harness):
+        seen.append(conv_ssd._default_kernels)
+        return {"system": system.name, "status": "ok"}
+
+    monkeypatch.setattr(bench, "measure_training", fake_measure)
+    assert bench.parse_ablate("side_stream,swiglu") == ("side_stream", "swiglu")
+    assert "side_stream" not in bench.parse_ablate("all")  # "all": the ops and the step's levers
+    cfg = ModelConfig.from_dict(BENCH_MODEL)
+    rows = list(bench.ablation_rows(cfg, [(2, SEQ)], 0, 1, torch.device("cpu"), ("side_stream", "swiglu")))
+    assert [r["system"] for r in rows] == ["hybridlm -side_stream", "hybridlm -swiglu"]
+    assert seen == [conv_ssd.MixerKernels(side_stream=False), conv_ssd.MixerKernels()]
+    assert conv_ssd._default_kernels == conv_ssd.MixerKernels()  # restored afterwards
+
+
 def test_mamba_ssm_anchor_is_not_run_where_its_int32_offsets_overflow():
     cfg = ModelConfig.from_dict(BENCH_MODEL)  # in_proj width 2*128 + 2*16 + 8 = 296
     anchor = bench.SYSTEMS["mamba_ssm"]

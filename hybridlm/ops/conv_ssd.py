@@ -36,6 +36,8 @@ own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_varian
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -66,6 +68,23 @@ class MixerKernels:
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
     side_stream: bool = True  # the SSD backward's kernels that dx's does not wait for on a second stream, else one
+
+
+_default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
+
+
+@contextmanager
+def mixer_kernels(**fields: bool) -> Iterator[None]:
+    """Within the block, ``conv_ssd_scan_fused`` runs with these ``MixerKernels`` fields set where its caller does
+    not pass ``kernels`` (the model's path): ``hybridlm bench --ablate`` turns one off beside the defaults, in one
+    process."""
+    global _default_kernels
+    saved = _default_kernels
+    _default_kernels = dataclasses.replace(saved, **fields)
+    try:
+        yield
+    finally:
+        _default_kernels = saved
 
 
 class ConvSSDScan(torch.autograd.Function):
@@ -337,10 +356,12 @@ def conv_ssd_scan_fused(
     norm_eps,
     headdim,
     ngroups,
-    kernels: MixerKernels = MixerKernels(),
+    kernels: MixerKernels | None = None,
 ) -> torch.Tensor:
     """``ops.conv_ssd_scan``'s fused path: (batch, seqlen, d_inner), the gated norm's output. ``kernels``
-    switches hybridlm's choices off one by one (``benchmarks/op_variants.py`` compares them)."""
+    switches hybridlm's choices off one by one (``benchmarks/op_variants.py`` compares them); None: the defaults,
+    or those ``mixer_kernels`` set."""
+    kernels = kernels or _default_kernels
     seq_idx = int32_seq_idx(seq_idx)
     return ConvSSDScan.apply(
         zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx,
