@@ -28,7 +28,9 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
   where mamba_ssm's pre-hooks launch one each;
 - with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
-  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries).
+  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries);
+- the backward's SSD kernels that dx's does not wait for run on a second CUDA stream beside it (1.4% more tokens/s
+  at 8x4096 with hybridlm's and the anchor's ``hybridlm bench`` shapes, level at 1x32768: README, Performance).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
