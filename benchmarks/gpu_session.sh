@@ -342,6 +342,17 @@ for phase in "${phases[@]}"; do
         run bench-streamab-$i 150 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
           --ablate side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
       done ;;
+    fwdstream)  # the forward's C·Bᵀ on the second stream: its GPU cases, the models and captured steps beside the
+      # 200 tracked steps (all levers; neither timed), then --ablate fwd_side_stream twice
+      track200 290 &
+      run fwdstream-tests 280 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and stream or model_fused_matches_reference and 2-bf16 or captured_step and 2"
+      wait
+      for i in 1 2; do
+        run bench-fwdstream-$i 110 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
+          --ablate fwd_side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
+      done ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -70,6 +70,7 @@ class MixerKernels:
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
     side_stream: bool = True  # the SSD backward's kernels that dx's does not wait for on a second stream, else one
+    fwd_side_stream: bool = True  # the forward's C·Bᵀ on a second stream beside the chunk states, else one
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -128,6 +129,11 @@ class ConvSSDScan(torch.autograd.Function):
         ).transpose(1, 2)  # (batch, seqlen, conv_channels), contiguous
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
 
+        # C·Bᵀ needs only the conv's output: with fwd_side_stream it runs on a second stream beside the decays, the
+        # chunk states and their passing (at batch 1 a chain of 256 chunks, latency-bound)
+        side = _side_stream(x.device) if kernels.fwd_side_stream and x.is_cuda else None
+        with _forked(side):
+            CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
         chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
         # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
@@ -142,7 +148,7 @@ class ConvSSDScan(torch.autograd.Function):
                 out_dtype=states_dtype,
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
-        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        _join(side, CB)
         y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
 
         out, _, rstd = _layer_norm_fwd(
