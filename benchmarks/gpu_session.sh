@@ -353,6 +353,12 @@ for phase in "${phases[@]}"; do
         run bench-fwdstream-$i 110 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
           --ablate fwd_side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
       done ;;
+    streamcontrol)  # both streams off in turn beside a lever the bench's rows never use (own_conv_bwd serves packed
+      # documents only): its row is an A/A pair, what the order of rows in one process alone gives; twice
+      for i in 1 2; do
+        run bench-streamcontrol-$i 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm \
+          --ablate side_stream,own_conv_bwd,fwd_side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
+      done ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
