@@ -323,42 +323,11 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and (causal_conv1d or seq_idx]) or captured_step and 2"
       wait ;;
-    sidestream)  # the SSD backward's independent kernels on a second stream: the mixer op with and without at
-      # 1x32768, training against the mamba_ssm hybrid at both shapes, then the GPU tests (the op against one stream
-      # and the reference, the Mamba-2 models, the captured steps)
-      run stream-variants 100 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
-        --variants "kept chunk 128,kept one stream 128"
-      run bench-stream 250 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
-        --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
-      run stream-tests 220 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+    mixertests)  # the mixer's GPU cases against the reference and mamba_ssm's combined op, the Mamba-2 models, the
+      # captured steps (after a change to its launch order)
+      run mixer-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "conv_ssd_scan and (stream or seq_idx]) or model_fused_matches_reference and 2- or captured_step and 2" ;;
-    streamab)  # the second stream on and off in one process (--ablate side_stream), twice, after the captured
-      # steps' and the Mamba-2 models' GPU tests
-      run stream-models 250 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
-        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "model_fused_matches_reference and 2- or captured_step and 2"
-      for i in 1 2; do
-        run bench-streamab-$i 150 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
-          --ablate side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
-      done ;;
-    fwdstream)  # the forward's C·Bᵀ on the second stream: its GPU cases, the models and captured steps beside the
-      # 200 tracked steps (all levers; neither timed), then --ablate fwd_side_stream twice
-      track200 290 &
-      run fwdstream-tests 280 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
-        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "conv_ssd_scan and stream or model_fused_matches_reference and 2-bf16 or captured_step and 2"
-      wait
-      for i in 1 2; do
-        run bench-fwdstream-$i 110 python3 -m hybridlm bench $CFG --shapes 1x32768,8x4096 --systems hybridlm \
-          --ablate fwd_side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
-      done ;;
-    streamcontrol)  # both streams off in turn beside a lever the bench's rows never use (own_conv_bwd serves packed
-      # documents only): its row is an A/A pair, what the order of rows in one process alone gives; twice
-      for i in 1 2; do
-        run bench-streamcontrol-$i 270 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm \
-          --ablate side_stream,own_conv_bwd,fwd_side_stream --warmup 3 --steps 10 --out "$OUT/bench.jsonl"
-      done ;;
+        -k "conv_ssd_scan[seq_idx] or conv_ssd_scan- or combined or model_fused_matches_reference and 2- or captured_step and 2" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -190,7 +190,6 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         f"kept upstream state passing {m.chunk_size}": without("own_state_passing"),
         f"kept upstream bwd launch {m.chunk_size}": without("own_bwd_launch"),
         f"kept zeroing pre-hooks {m.chunk_size}": without("zero_once"),
-        f"kept one stream {m.chunk_size}": without("side_stream"),
         f"kept chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2),
         f"combined chunk {m.chunk_size}": ssd(m.chunk_size, conv_ssd_scan_combined),
         f"combined chunk {m.chunk_size // 2}": ssd(m.chunk_size // 2, conv_ssd_scan_combined),

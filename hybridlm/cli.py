@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         const="all",
         metavar="LEVERS",
         help="also hybridlm with each lever off in turn: all (no value) or a comma list, e.g. cuda_graph,swiglu, "
-        "or the Mamba-2 mixer's own choices by name (MixerKernels' fields, e.g. side_stream)",
+        "or the Mamba-2 mixer's own choices by name (MixerKernels' fields, e.g. own_conv_bwd)",
     )
     p.add_argument("--out", default="benchmarks/results/bench.jsonl")
     p.set_defaults(func=_bench)

@@ -265,12 +265,12 @@ def test_ablate_turns_a_mixer_choice_off_for_its_rows_only(monkeypatch):
         return {"system": system.name, "status": "ok"}
 
     monkeypatch.setattr(bench, "measure_training", fake_measure)
-    assert bench.parse_ablate("side_stream,swiglu") == ("side_stream", "swiglu")
-    assert "side_stream" not in bench.parse_ablate("all")  # "all": the ops and the step's levers
+    assert bench.parse_ablate("own_conv_bwd,swiglu") == ("own_conv_bwd", "swiglu")
+    assert "own_conv_bwd" not in bench.parse_ablate("all")  # "all": the ops and the step's levers
     cfg = ModelConfig.from_dict(BENCH_MODEL)
-    rows = list(bench.ablation_rows(cfg, [(2, SEQ)], 0, 1, torch.device("cpu"), ("side_stream", "swiglu")))
-    assert [r["system"] for r in rows] == ["hybridlm -side_stream", "hybridlm -swiglu"]
-    assert seen == [conv_ssd.MixerKernels(side_stream=False), conv_ssd.MixerKernels()]
+    rows = list(bench.ablation_rows(cfg, [(2, SEQ)], 0, 1, torch.device("cpu"), ("own_conv_bwd", "swiglu")))
+    assert [r["system"] for r in rows] == ["hybridlm -own_conv_bwd", "hybridlm -swiglu"]
+    assert seen == [conv_ssd.MixerKernels(own_conv_bwd=False), conv_ssd.MixerKernels()]
     assert conv_ssd._default_kernels == conv_ssd.MixerKernels()  # restored afterwards
 
 

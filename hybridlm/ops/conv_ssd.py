@@ -28,9 +28,7 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
   where mamba_ssm's pre-hooks launch one each;
 - with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
-  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries);
-- the backward's SSD kernels that dx's does not wait for run on a second CUDA stream beside it (1.4% more tokens/s
-  at 8x4096 with hybridlm's and the anchor's ``hybridlm bench`` shapes, level at 1x32768: README, Performance).
+  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -42,7 +40,6 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch.amp import custom_bwd, custom_fwd
@@ -69,8 +66,6 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    side_stream: bool = True  # the SSD backward's kernels that dx's does not wait for on a second stream, else one
-    fwd_side_stream: bool = True  # the forward's C·Bᵀ on a second stream beside the chunk states, else one
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -129,11 +124,6 @@ class ConvSSDScan(torch.autograd.Function):
         ).transpose(1, 2)  # (batch, seqlen, conv_channels), contiguous
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
 
-        # C·Bᵀ needs only the conv's output: with fwd_side_stream it runs on a second stream beside the decays, the
-        # chunk states and their passing (at batch 1 a chain of 256 chunks, latency-bound)
-        side = _side_stream(x.device) if kernels.fwd_side_stream and x.is_cuda else None
-        with _forked(side):
-            CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
         chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
         # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
@@ -148,7 +138,7 @@ class ConvSSDScan(torch.autograd.Function):
                 out_dtype=states_dtype,
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
-        _join(side, CB)
+        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
 
         out, _, rstd = _layer_norm_fwd(
@@ -211,13 +201,9 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         dy = dy.view_as(x)
 
-        # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
-        # With side_stream, C·Bᵀ's gradient and the in-chunk decays' (which need only dy), then B's and C's through
-        # the states, run on a second stream beside the states' gradient and dx's kernel (the longest): mamba_ssm's
-        # backward kernels each leave much of the GPU idle at these shapes.
-        side = _side_stream(dy.device) if kernels.side_stream and dy.is_cuda else None
-        with _forked(side):
-            dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
+        # The SSD backward: C·Bᵀ's gradient and the in-chunk decays' (they need only dy), the states entering each
+        # chunk, then x, B, C through the states and the decays' sum.
+        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
         dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
         if kernels.own_state_passing:
             dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
@@ -234,26 +220,22 @@ class ConvSSDScan(torch.autograd.Function):
         acc = None
         if kernels.own_bwd_launch and kernels.zero_once:
             acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
-        with _forked(side):
-            if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
-                dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(
-                    x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc
-                )
-                dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
-            else:
-                dB_states, ddA_from_B = _chunk_state_bwd_db(
-                    x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
-                )
-                dC_states, ddA_from_C = _chunk_scan_bwd_dC(
-                    states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
-                )
+        if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
+            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
+            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
+        else:
+            dB_states, ddA_from_B = _chunk_state_bwd_db(
+                x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
+            )
+            dC_states, ddA_from_C = _chunk_scan_bwd_dC(
+                states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
+            )
         if kernels.own_bwd_launch:
             dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
                 x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
             )
         else:
             dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
-        _join(side, dCB, ddA_in_chunk, dB_states, ddA_from_B, dC_states, ddA_from_C)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
@@ -295,33 +277,6 @@ def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, seq_idx, own_launch: b
         return dCB, ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt_act, dA_cumsum, dy, CB)
     dCB = _chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, seq_idx=seq_idx, ngroups=ngroups)
     return dCB, _chunk_scan_bwd_ddAcs_stable(x, dt_act, dA_cumsum, dy, CB)[..., None, :]
-
-
-@cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-@contextmanager
-def _forked(side: torch.cuda.Stream | None):
-    """Runs the block's kernels on ``side`` (when given) after everything queued so far on the current stream."""
-    if side is None:
-        yield
-        return
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        yield
-
-
-def _join(side: torch.cuda.Stream | None, *made_on_side: torch.Tensor) -> None:
-    """The current stream waits for ``side``; the tensors made there are marked as used here, so that the caching
-    allocator does not hand their memory to ``side`` again while this stream may still read it."""
-    if side is None:
-        return
-    current = torch.cuda.current_stream()
-    current.wait_stream(side)
-    for t in made_on_side:
-        t.record_stream(current)
 
 
 def decay_grad(

@@ -420,8 +420,7 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
-    hybridlm's conv backward against causal_conv1d's, with documents; ``"side_stream"``, the backward's kernels on
-    two streams against one; ``"fwd_side_stream"``, the forward's alike) instead of the
+    hybridlm's conv backward against causal_conv1d's, with documents) instead of the
     reference ops. ``seqlen``: at 9216 (72 chunks) mamba_ssm's backward kernels put a group's four heads in one
     program on a 132-SM GPU (one split: the wrappers' view instead of a sum), at 512 in four. ``fused``: the op
     held to the reference, ``conv_ssd_scan_fused`` unless given (mamba_ssm's combined op, to tell its kernels'
@@ -558,9 +557,6 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     ),
     "conv_ssd_scan[seq_idx,vs zeroing pre-hooks]": lambda dt: case_conv_ssd_scan(dt, baseline="zero_once"),
     "conv_ssd_scan[seq_idx,vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_conv_bwd"),
-    "conv_ssd_scan[seq_idx,vs one stream]": lambda dt: case_conv_ssd_scan(dt, baseline="side_stream"),
-    "conv_ssd_scan[one split,vs one stream]": lambda dt: case_conv_ssd_scan(dt, baseline="side_stream", seqlen=9216),
-    "conv_ssd_scan[seq_idx,vs one stream forward]": lambda dt: case_conv_ssd_scan(dt, baseline="fwd_side_stream"),
     "swiglu": case_swiglu,
     "linears": case_linears,
     "linears[autocast]": lambda dt: case_linears(dt, autocast=True),
