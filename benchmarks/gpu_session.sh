@@ -324,7 +324,7 @@ for phase in "${phases[@]}"; do
         -k "conv_ssd_scan and (causal_conv1d or seq_idx]) or captured_step and 2"
       wait ;;
     mixertests)  # the mixer's GPU cases against the reference and mamba_ssm's combined op, the Mamba-2 models, the
-      # captured steps (after a change to its launch order)
+      # captured steps
       run mixer-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan[seq_idx] or conv_ssd_scan- or combined or model_fused_matches_reference and 2- or captured_step and 2" ;;

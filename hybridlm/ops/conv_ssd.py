@@ -201,9 +201,7 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         dy = dy.view_as(x)
 
-        # The SSD backward: C·Bᵀ's gradient and the in-chunk decays' (they need only dy), the states entering each
-        # chunk, then x, B, C through the states and the decays' sum.
-        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
+        # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
         dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
         if kernels.own_state_passing:
             dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
@@ -218,24 +216,23 @@ class ConvSSDScan(torch.autograd.Function):
             ddA_chunk_last = ddA_chunk_last[..., None]
         dstates, states_lowp = dstates.view_as(states), states_lowp.view_as(states)
         acc = None
-        if kernels.own_bwd_launch and kernels.zero_once:
-            acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
+            if kernels.zero_once:
+                acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
+            dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
+                x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
+            )
             dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
             dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
         else:
+            dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
             dB_states, ddA_from_B = _chunk_state_bwd_db(
                 x, dt_act, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups
             )
             dC_states, ddA_from_C = _chunk_scan_bwd_dC(
                 states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
             )
-        if kernels.own_bwd_launch:
-            dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
-                x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
-            )
-        else:
-            dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
+        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
