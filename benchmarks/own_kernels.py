@@ -1,8 +1,9 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
-``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py`` and ``hybridlm/ops/conv_bwd.py``.
+``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py`` and
+``hybridlm/ops/ssd_dx.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,state,conv] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,conv,dx] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -20,7 +21,7 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, state_passing, triton_cross_entropy
+from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, ssd_bwd, ssd_dx, state_passing, triton_cross_entropy
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -197,6 +198,52 @@ def conv_variants(
     return variants
 
 
+def dx_variants(
+    batch: int,
+    seqlen: int,
+    nheads: int,
+    headdim: int,
+    dstate: int,
+    chunk: int,
+    conv_channels: int,
+    packed: bool,
+    quick: bool,
+) -> dict[str, Callable]:
+    """The SSD backward's x gradient as ``ops/conv_ssd.py`` calls it: x, B and dx slices of the conv's (bf16)
+    output and its gradient, dy and the chunk states' gradient bf16, C·Bᵀ and the decays fp32, one group;
+    mamba_ssm's kernel through ``ops/ssd_bwd.py``'s launch (the wider autotuning list) against ours over (rows,
+    heads per program, warps, stages). ``packed``: documents of 1000 tokens (``seq_idx``)."""
+    dev, bf16 = "cuda", torch.bfloat16
+    nchunks = -(-seqlen // chunk)
+    xBC = torch.randn(batch, seqlen, conv_channels, device=dev, dtype=bf16)
+    x = xBC[..., : nheads * headdim].unflatten(-1, (nheads, headdim))
+    B = xBC[..., nheads * headdim : nheads * headdim + dstate].unflatten(-1, (1, dstate))
+    dy = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=bf16)
+    dt = torch.rand(batch, nheads, nchunks, chunk, device=dev) * 0.1
+    dA_cumsum = (-dt * torch.rand(nheads, device=dev)[:, None, None] * 8).cumsum(-1)
+    CB = torch.randn(batch, nchunks, 1, chunk, chunk, device=dev)
+    dstates = torch.randn(batch, nchunks, nheads, headdim, dstate, device=dev, dtype=bf16)
+    D = torch.randn(nheads, device=dev)
+    seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
+    seq_idx = seq_idx if packed else None
+    dx = torch.empty_like(xBC)[..., : nheads * headdim].unflatten(-1, (nheads, headdim))
+
+    variants = {
+        "mamba_ssm dx (wider list)": lambda: ssd_bwd.chunk_scan_chunk_state_bwd_dx(
+            x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
+        )
+    }
+    defaults = (ssd_dx.BLOCK_M, ssd_dx.HEADS, ssd_dx.NUM_WARPS, ssd_dx.STAGES)
+    shapes = [defaults] if quick else itertools.product((64, 128), (4, 8, 32), (4, 8), (2, 3))
+    for block_m, heads, warps, stages in shapes:
+        variants[f"ours rows {block_m} heads {heads} warps {warps} stages {stages}"] = (
+            lambda m=block_m, h=heads, w=warps, st=stages: ssd_dx.chunk_scan_chunk_state_bwd_dx(
+                x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=m, heads=h, num_warps=w, stages=st
+            )
+        )
+    return variants
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
@@ -223,6 +270,22 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
+    if "dx" in kernels:
+        m = cfg.mamba
+        for packed in (False, True):
+            kernel = "dxdocs" if packed else "dx"
+            variants = dx_variants(
+                batch,
+                seqlen,
+                cfg.mamba_n_heads,
+                m.head_dim,
+                m.d_state,
+                m.chunk_size,
+                cfg.conv_channels,
+                packed,
+                args.quick or packed,
+            )
+            report(kernel, variants)
 
 
 if __name__ == "__main__":

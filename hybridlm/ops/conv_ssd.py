@@ -66,6 +66,7 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
+    own_dx: bool = True  # with own_bwd_launch: ops/ssd_dx.py's x-gradient kernel (heads a program), else mamba_ssm's
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -169,7 +170,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_launch, state_passing
+        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_dx, ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -219,9 +220,14 @@ class ConvSSDScan(torch.autograd.Function):
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
-            dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
-                x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
-            )
+            if kernels.own_dx:
+                dx, ddt_act, dD = ssd_dx.chunk_scan_chunk_state_bwd_dx(
+                    x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
+                )
+            else:
+                dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
+                    x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
+                )
             dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
             dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
         else:
