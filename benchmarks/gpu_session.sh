@@ -333,6 +333,10 @@ for phase in "${phases[@]}"; do
       run dx-sweep 150 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels dx
       run bench-dx 400 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_dx,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    dxprof)  # the x-gradient kernel's sweep with dy loaded once, then the graphed step's kernel table at 1x32768
+      run dx-sweep 150 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels dx
+      run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \

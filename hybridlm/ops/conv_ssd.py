@@ -66,7 +66,7 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    own_dx: bool = True  # with own_bwd_launch: ops/ssd_dx.py's x-gradient kernel (heads a program), else mamba_ssm's
+    own_dx: bool = False  # with own_bwd_launch: ops/ssd_dx.py's x-gradient kernel (heads a program), else mamba_ssm's
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it

@@ -119,11 +119,15 @@ def _dx_kernel(
         dt_rows = tl.load(
             DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + rows * stride_dt_k, mask=row_in, other=0.0
         )
-        dy_rows = tl.load(
-            DY + b * stride_dy_b + (start + rows[:, None]) * stride_dy_t + h * stride_dy_h + p[None, :] * stride_dy_p,
-            mask=row_in[:, None],
-            other=0.0,
-        ).to(tl.float32)
+        if BLOCK_M == CHUNK:  # the rows are the chunk's steps: dy is loaded
+            dy_rows = dy_cols.to(tl.float32)
+        else:
+            dy_rows = tl.load(
+                DY + b * stride_dy_b + (start + rows[:, None]) * stride_dy_t + h * stride_dy_h
+                + p[None, :] * stride_dy_p,
+                mask=row_in[:, None],
+                other=0.0,
+            ).to(tl.float32)  # fmt: skip
         x_rows = tl.load(
             X + b * stride_x_b + (start + rows[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
             mask=row_in[:, None],

@@ -170,13 +170,15 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
             assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
 
 
+@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
 @pytest.mark.parametrize("heads", [1, 2], ids=["a head a program", "two heads a program"])
 @pytest.mark.parametrize("D_per_column", [False, True], ids=["D per head", "D per column"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
-def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty, packed, D_per_column, heads):
+def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty, packed, D_per_column, heads, rows):
     """``ops/ssd_dx.py``'s kernel against mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``: the same arithmetic
-    summed in another order (fp32, so to rounding). Two groups of two heads, two row blocks a chunk, a last chunk
-    cut short by the sequence's end; with documents, a boundary inside a chunk and one on a chunk's first step."""
+    summed in another order (fp32, so to rounding). Two groups of two heads, a last chunk cut short by the
+    sequence's end; with documents, a boundary inside a chunk and one on a chunk's first step. With one row block
+    a chunk, the kernel reads dy once for both of its uses."""
     from hybridlm.ops import ssd_dx
 
     torch.manual_seed(0)
@@ -199,7 +201,7 @@ def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty,
     want = upstream.combined._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
     dx = torch.empty_like(x)
     got = ssd_dx.chunk_scan_chunk_state_bwd_dx(
-        x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=16, heads=heads, num_warps=4, stages=2
+        x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=rows, heads=heads, num_warps=4, stages=2
     )
     assert got[0] is dx
     for name, g, w in zip(("dx", "ddt", "dD"), got, want, strict=True):
