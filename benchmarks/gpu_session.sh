@@ -337,11 +337,16 @@ for phase in "${phases[@]}"; do
       run dx-sweep 150 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels dx
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;
+    group)  # ops/ssd_group.py's two kernels: their launch sweeps against mamba_ssm's at 1x32768, then training
+      # against the mamba_ssm hybrid at both shapes with each off and an A/A control (own_conv_bwd: no documents)
+      run group-sweep 170 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx
+      run bench-group 380 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate own_scan_fwd,own_dx,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "conv_ssd_scan[seq_idx] or conv_ssd_scan- or upstream dx or model_fused_matches_reference and 2- or captured_step and 2" ;;
+        -k "conv_ssd_scan[seq_idx] or conv_ssd_scan- or upstream dx or upstream scan or one split] or model_fused_matches_reference and 2- or captured_step and 2" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

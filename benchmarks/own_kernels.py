@@ -1,9 +1,9 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
 ``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py`` and
-``hybridlm/ops/ssd_dx.py``.
+``hybridlm/ops/ssd_group.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,conv,dx] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,scan,dx] [--quick]
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -21,7 +21,16 @@ from profile_step import kernel_events  # benchmarks/, this script's directory
 
 from hybridlm.bench import parse_shapes
 from hybridlm.config import load_run_config
-from hybridlm.ops import compiled, conv_bwd, gated_norm_bwd, ssd_bwd, ssd_dx, state_passing, triton_cross_entropy
+from hybridlm.ops import (
+    compiled,
+    conv_bwd,
+    gated_norm_bwd,
+    ssd_bwd,
+    ssd_group,
+    ssd_launch,
+    state_passing,
+    triton_cross_entropy,
+)
 
 
 def kernel_ms(fn: Callable, calls: int = 20) -> float:
@@ -198,50 +207,67 @@ def conv_variants(
     return variants
 
 
-def dx_variants(
-    batch: int,
-    seqlen: int,
-    nheads: int,
-    headdim: int,
-    dstate: int,
-    chunk: int,
-    conv_channels: int,
-    packed: bool,
-    quick: bool,
-) -> dict[str, Callable]:
-    """The SSD backward's x gradient as ``ops/conv_ssd.py`` calls it: x, B and dx slices of the conv's (bf16)
-    output and its gradient, dy and the chunk states' gradient bf16, C·Bᵀ and the decays fp32, one group;
-    mamba_ssm's kernel through ``ops/ssd_bwd.py``'s launch (the wider autotuning list) against ours over (rows,
-    heads per program, warps, stages). ``packed``: documents of 1000 tokens (``seq_idx``)."""
+def ssd_variants(
+    kernel: str, batch: int, seqlen: int, nheads: int, headdim: int, dstate: int, chunk: int, conv_channels: int,
+    packed: bool, quick: bool,
+) -> dict[str, Callable]:  # fmt: skip
+    """``ops/ssd_group.py``'s kernels as ``ops/conv_ssd.py`` calls them, against mamba_ssm's through the launches
+    the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (rows, heads per program, warps,
+    stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient. x, B, C and dx slices of the
+    conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ and the decays
+    fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
     dev, bf16 = "cuda", torch.bfloat16
     nchunks = -(-seqlen // chunk)
+    d_inner = nheads * headdim
     xBC = torch.randn(batch, seqlen, conv_channels, device=dev, dtype=bf16)
-    x = xBC[..., : nheads * headdim].unflatten(-1, (nheads, headdim))
-    B = xBC[..., nheads * headdim : nheads * headdim + dstate].unflatten(-1, (1, dstate))
+    x = xBC[..., :d_inner].unflatten(-1, (nheads, headdim))
+    B = xBC[..., d_inner : d_inner + dstate].unflatten(-1, (1, dstate))
+    C = xBC[..., d_inner + dstate : d_inner + 2 * dstate].unflatten(-1, (1, dstate))
     dy = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=bf16)
     dt = torch.rand(batch, nheads, nchunks, chunk, device=dev) * 0.1
     dA_cumsum = (-dt * torch.rand(nheads, device=dev)[:, None, None] * 8).cumsum(-1)
     CB = torch.randn(batch, nchunks, 1, chunk, chunk, device=dev)
-    dstates = torch.randn(batch, nchunks, nheads, headdim, dstate, device=dev, dtype=bf16)
+    states = torch.randn(batch, nchunks, nheads, headdim, dstate, device=dev, dtype=bf16)  # or their gradient
     D = torch.randn(nheads, device=dev)
     seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
     seq_idx = seq_idx if packed else None
-    dx = torch.empty_like(xBC)[..., : nheads * headdim].unflatten(-1, (nheads, headdim))
+    dx = torch.empty_like(xBC)[..., :d_inner].unflatten(-1, (nheads, headdim))
 
-    variants = {
-        "mamba_ssm dx (wider list)": lambda: ssd_bwd.chunk_scan_chunk_state_bwd_dx(
-            x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
-        )
-    }
-    defaults = (ssd_dx.BLOCK_M, ssd_dx.HEADS, ssd_dx.NUM_WARPS, ssd_dx.STAGES)
-    # rows 128 at 3 stages needed 233 KB of shared memory before dy was loaded once; 4 warps were slower
+    if kernel == "scan":
+        upstream_fwd = ssd_launch.chunk_scan_fwd()
+
+        def upstream():
+            return upstream_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)[:1]
+
+        def ours(block_m, heads, warps, stages):
+            return lambda: (
+                ssd_group.chunk_scan_fwd(
+                    CB, x, dt, dA_cumsum, C, states, D, seq_idx, block_m=block_m, heads=heads, num_warps=warps,
+                    stages=stages,
+                ),
+            )  # fmt: skip
+
+        variants = {"mamba_ssm scan fwd (wider list)": upstream}
+        defaults = (ssd_group.FWD_BLOCK_M, ssd_group.FWD_HEADS, ssd_group.FWD_NUM_WARPS, ssd_group.FWD_STAGES)
+    else:
+
+        def upstream():
+            return ssd_bwd.chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, states, D, seq_idx, dx)
+
+        def ours(block_m, heads, warps, stages):
+            return lambda: ssd_group.chunk_scan_chunk_state_bwd_dx(
+                x, dt, dA_cumsum, B, CB, dy, states, D, seq_idx, dx, block_m=block_m, heads=heads, num_warps=warps,
+                stages=stages,
+            )  # fmt: skip
+
+        variants = {"mamba_ssm dx (wider list)": upstream}
+        defaults = (ssd_group.BLOCK_M, ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
+
+    # the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower; rows 128 at 3 stages ran out of
+    # shared memory until dy was loaded once
     shapes = [defaults] if quick else [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]
-    for block_m, heads, warps, stages in shapes:
-        variants[f"ours rows {block_m} heads {heads} warps {warps} stages {stages}"] = (
-            lambda m=block_m, h=heads, w=warps, st=stages: ssd_dx.chunk_scan_chunk_state_bwd_dx(
-                x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=m, heads=h, num_warps=w, stages=st
-            )
-        )
+    for shape in shapes:
+        variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
     return variants
 
 
@@ -271,22 +297,16 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
-    if "dx" in kernels:
+    for kernel in ("scan", "dx"):
+        if kernel not in kernels:
+            continue
         m = cfg.mamba
-        for packed in (False, True):
-            kernel = "dxdocs" if packed else "dx"
-            variants = dx_variants(
-                batch,
-                seqlen,
-                cfg.mamba_n_heads,
-                m.head_dim,
-                m.d_state,
-                m.chunk_size,
-                cfg.conv_channels,
-                packed,
-                args.quick or packed,
-            )
-            report(kernel, variants)
+        for packed in (False, True):  # with documents, the defaults only
+            variants = ssd_variants(
+                kernel, batch, seqlen, cfg.mamba_n_heads, m.head_dim, m.d_state, m.chunk_size, cfg.conv_channels,
+                packed, args.quick or packed,
+            )  # fmt: skip
+            report(kernel + ("docs" if packed else ""), variants)
 
 
 if __name__ == "__main__":

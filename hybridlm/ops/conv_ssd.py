@@ -66,7 +66,8 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    own_dx: bool = False  # with own_bwd_launch: ops/ssd_dx.py's x-gradient kernel (heads a program), else mamba_ssm's
+    own_dx: bool = True  # with own_bwd_launch: ops/ssd_group.py's x-gradient kernel (heads a program), else mamba_ssm's
+    own_scan_fwd: bool = True  # ops/ssd_group.py's chunked-scan forward (heads a program), else mamba_ssm's
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -113,7 +114,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
 
-        from hybridlm.ops import ssd_launch, state_passing
+        from hybridlm.ops import ssd_group, ssd_launch, state_passing
 
         chunk_scan_fwd = ssd_launch.chunk_scan_fwd() if kernels.tuned_launch else _chunk_scan_fwd
 
@@ -140,7 +141,10 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)  # y includes D x
+        if kernels.own_scan_fwd:  # y includes D x
+            y = ssd_group.chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D, seq_idx)
+        else:
+            y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
 
         out, _, rstd = _layer_norm_fwd(
             y.view(-1, d_inner),
@@ -170,7 +174,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_dx, ssd_launch, state_passing
+        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_group, ssd_launch, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -221,7 +225,7 @@ class ConvSSDScan(torch.autograd.Function):
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
             if kernels.own_dx:
-                dx, ddt_act, dD = ssd_dx.chunk_scan_chunk_state_bwd_dx(
+                dx, ddt_act, dD = ssd_group.chunk_scan_chunk_state_bwd_dx(
                     x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
                 )
             else:

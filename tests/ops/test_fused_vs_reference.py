@@ -421,7 +421,7 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
     hybridlm's conv backward against causal_conv1d's, with documents; ``"own_dx"``, hybridlm's x-gradient kernel
-    against mamba_ssm's) instead of the
+    against mamba_ssm's; ``"own_scan_fwd"``, its chunked-scan forward against mamba_ssm's) instead of the
     reference ops. ``seqlen``: at 9216 (72 chunks) mamba_ssm's backward kernels put a group's four heads in one
     program on a 132-SM GPU (one split: the wrappers' view instead of a sum), at 512 in four. ``fused``: the op
     held to the reference, ``conv_ssd_scan_fused`` unless given (mamba_ssm's combined op, to tell its kernels'
@@ -560,6 +560,8 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_conv_bwd"),
     "conv_ssd_scan[seq_idx,vs upstream dx]": lambda dt: case_conv_ssd_scan(dt, baseline="own_dx"),
     "conv_ssd_scan[vs upstream dx]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_dx"),
+    "conv_ssd_scan[seq_idx,vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_scan_fwd"),
+    "conv_ssd_scan[vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_scan_fwd"),
     "swiglu": case_swiglu,
     "linears": case_linears,
     "linears[autocast]": lambda dt: case_linears(dt, autocast=True),

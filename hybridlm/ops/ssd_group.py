@@ -1,0 +1,355 @@
+"""Two of the SSD's chunked-scan kernels as Triton kernels whose programs walk a run of a group's heads, for the
+Mamba-2 mixer (``ops/conv_ssd.py``): the scan's forward (mamba_ssm's ``_chunk_scan_fwd_kernel``) and its x
+gradient (``_chunk_scan_chunk_state_bwd_dx_kernel``), the same arithmetic as mamba_ssm's.
+
+Per chunk and head, with A the cumulative log decays, S the state entering the chunk and dS the gradient of the one
+leaving it, the forward writes for each step i (over the chunk's steps k ≤ i)
+
+    y_i   = exp(A_i) C_i · S + Σ_k exp(A_i − A_k) (C_i · B_k) dt_k x_k + D x_i
+
+and the backward for each step j (over the chunk's steps k ≥ j)
+
+    dx_j  = dt_j (exp(A_last − A_j) B_j · dS + Σ_k exp(A_k − A_j) (C_k · B_j) dy_k) + D dy_j
+    ddt_j = x_j · (the bracket),   dD = Σ_j dy_j · x_j
+
+mamba_ssm gives each program one head and one tile of (rows, columns), so every program loads its rows of C (or B)
+and of C·Bᵀ again, though all heads of a group share them. Here a program takes a block of a chunk's rows and holds
+C's (B's) rows and C·Bᵀ's (fp32, as upstream reads it) across ``heads`` heads of one group, loading only each
+head's decays, states, x and dy, its loop over the heads software-pipelined. In the backward it owns every column
+of a row, so dt's gradient is stored, not added atomically, and D's is summed per row block and then over blocks
+(deterministic). C·Bᵀ is multiplied by the head's decays (and dt) in fp32 and rounded to x's (dy's) dtype before
+its product, as upstream does.
+
+CUDA (or Triton's interpreter); called by the fused mixer only (``MixerKernels.own_scan_fwd`` and ``own_dx``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch shapes, from ``benchmarks/own_kernels.py --kernels dx,scan`` on an H200 at the 500M config's 1x32768
+# (chunk 128, head_dim 64, d_state 128, 32 heads in one group). The x gradient (3c28159): 0.349 ms a layer at rows
+# 128, 32 heads, 8 warps, 3 stages against mamba_ssm's 0.413 (its wider autotuning list); 16 / 8 heads 0.357 /
+# 0.372, 2 stages 0.386-0.404, rows 64 0.48-0.62 (dy and dS read twice), 4 warps 0.83-0.95 (spilled registers).
+BLOCK_M = 128  # rows of the chunk per program
+HEADS = 32  # heads per program (of one group)
+NUM_WARPS = 8
+STAGES = 3  # the head loop's software pipelining
+FWD_BLOCK_M, FWD_HEADS, FWD_NUM_WARPS, FWD_STAGES = 128, 32, 8, 3  # the forward's (sweep to follow)
+
+
+@triton.jit
+def _dx_kernel(
+    X, CB, DY, DT, DA_CS, SEQ_IDX, D, B, DSTATES,  # inputs; DT and DA_CS (batch, nheads, nchunks, chunk)
+    DX, DDT, DD,  # DX like X; DDT like DT, fp32; DD (row blocks, batch, nchunks, nheads, D's columns) fp32
+    seqlen, batch, heads_per_group,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i, stride_cb_j,
+    stride_dy_b, stride_dy_t, stride_dy_h, stride_dy_p,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
+    stride_da_b, stride_da_h, stride_da_c, stride_da_k,
+    stride_seq_b, stride_seq_t,
+    stride_d_h,
+    stride_b_b, stride_b_t, stride_b_g, stride_b_n,
+    stride_ds_b, stride_ds_c, stride_ds_h, stride_ds_p, stride_ds_n,
+    stride_dx_b, stride_dx_t, stride_dx_h, stride_dx_p,
+    stride_ddt_b, stride_ddt_h, stride_ddt_c, stride_ddt_k,
+    stride_dd_m, stride_dd_b, stride_dd_c, stride_dd_h,
+    CHUNK: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    DSTATE: tl.constexpr,  # a power of two, at least d_state (B and dS are masked beyond it)
+    dstate,
+    HAS_SEQ_IDX: tl.constexpr,
+    D_HAS_HDIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, b = pid_bc // batch, pid_bc % batch
+    first_head = pid_run * HEADS
+    group = first_head // heads_per_group
+    start = c * CHUNK  # the chunk's first step in the sequence
+    limit = min(CHUNK, seqlen - start)  # steps of this chunk inside the sequence
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps j of the chunk this program writes
+    cols = tl.arange(0, CHUNK)  # steps k of the chunk
+    p = tl.arange(0, HEADDIM)
+    n = tl.arange(0, DSTATE)
+    row_in = rows < limit
+
+    # shared by the run's heads: B's rows and C·Bᵀ's (k, j) entries for j in the rows, all k, causal (k ≥ j)
+    b_rows = tl.load(
+        B + b * stride_b_b + (start + rows[:, None]) * stride_b_t + group * stride_b_g + n[None, :] * stride_b_n,
+        mask=row_in[:, None] & (n[None, :] < dstate),
+        other=0.0,
+    )  # (BLOCK_M, DSTATE)
+    causal = (cols[None, :] >= rows[:, None]) & (cols[None, :] < limit)
+    cb = tl.load(
+        CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + cols[None, :] * stride_cb_i
+        + rows[:, None] * stride_cb_j,
+        mask=causal,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, CHUNK): entry (j, k) is C_k · B_j  # fmt: skip
+    if HAS_SEQ_IDX:  # the state leaving the chunk sees only the steps of its last step's document
+        seq_rows = tl.load(SEQ_IDX + b * stride_seq_b + (start + rows) * stride_seq_t, mask=row_in, other=-1)
+        seq_last = tl.load(SEQ_IDX + b * stride_seq_b + (start + limit - 1) * stride_seq_t)
+        same_doc = seq_rows == seq_last
+
+    for i in tl.range(0, HEADS, num_stages=STAGES):
+        h = first_head + i
+        decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
+        da_rows = tl.load(decays + rows * stride_da_k, mask=row_in, other=0.0).to(tl.float32)
+        da_cols = tl.load(decays + cols * stride_da_k, mask=cols < limit, other=0.0).to(tl.float32)
+        da_last = tl.load(decays + (CHUNK - 1) * stride_da_k).to(tl.float32)
+        scale = tl.exp(tl.minimum(da_last - da_rows, 0.0))
+        if HAS_SEQ_IDX:
+            scale = tl.where(same_doc, scale, 0.0)
+
+        dstates = tl.load(
+            DSTATES + b * stride_ds_b + c * stride_ds_c + h * stride_ds_h + n[:, None] * stride_ds_n
+            + p[None, :] * stride_ds_p,
+            mask=n[:, None] < dstate,
+            other=0.0,
+        ).to(b_rows.dtype)  # (DSTATE, HEADDIM)  # fmt: skip
+        acc = tl.dot(b_rows, dstates) * scale[:, None]  # (BLOCK_M, HEADDIM)
+
+        dy_cols = tl.load(
+            DY + b * stride_dy_b + (start + cols[:, None]) * stride_dy_t + h * stride_dy_h + p[None, :] * stride_dy_p,
+            mask=(cols < limit)[:, None],
+            other=0.0,
+        )  # (CHUNK, HEADDIM)
+        # the mask again after the exp: outside it the difference can be large and positive (inf * 0)
+        weights = tl.where(causal, cb * tl.exp(tl.minimum(da_cols[None, :] - da_rows[:, None], 0.0)), 0.0)
+        acc += tl.dot(weights.to(dy_cols.dtype), dy_cols)
+
+        dt_rows = tl.load(
+            DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + rows * stride_dt_k, mask=row_in, other=0.0
+        )
+        if BLOCK_M == CHUNK:  # the rows are the chunk's steps: dy is loaded
+            dy_rows = dy_cols.to(tl.float32)
+        else:
+            dy_rows = tl.load(
+                DY + b * stride_dy_b + (start + rows[:, None]) * stride_dy_t + h * stride_dy_h
+                + p[None, :] * stride_dy_p,
+                mask=row_in[:, None],
+                other=0.0,
+            ).to(tl.float32)  # fmt: skip
+        x_rows = tl.load(
+            X + b * stride_x_b + (start + rows[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
+            mask=row_in[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        if D_HAS_HDIM:
+            d = tl.load(D + h * stride_d_h + p).to(tl.float32)
+            d_partial = tl.sum(dy_rows * x_rows, axis=0)  # (HEADDIM,)
+            dd_cols = p
+        else:
+            d = tl.load(D + h * stride_d_h).to(tl.float32)
+            d_partial = tl.sum(dy_rows * x_rows)
+            dd_cols = 0
+        dx = acc * dt_rows.to(tl.float32)[:, None] + dy_rows * d
+        tl.store(
+            DX + b * stride_dx_b + (start + rows[:, None]) * stride_dx_t + h * stride_dx_h + p[None, :] * stride_dx_p,
+            dx.to(DX.dtype.element_ty),
+            mask=row_in[:, None],
+        )
+        tl.store(
+            DDT + b * stride_ddt_b + h * stride_ddt_h + c * stride_ddt_c + rows * stride_ddt_k,
+            tl.sum(acc * x_rows, axis=1),
+            mask=rows < CHUNK,
+        )
+        tl.store(DD + pid_m * stride_dd_m + b * stride_dd_b + c * stride_dd_c + h * stride_dd_h + dd_cols, d_partial)
+
+
+def chunk_scan_chunk_state_bwd_dx(
+    x: torch.Tensor,  # (batch, seqlen, nheads, headdim)
+    dt: torch.Tensor,  # (batch, nheads, nchunks, chunk), after softplus
+    dA_cumsum: torch.Tensor,  # like dt
+    B: torch.Tensor,  # (batch, seqlen, ngroups, dstate)
+    CB: torch.Tensor,  # (batch, nchunks, ngroups, chunk, chunk): entry (i, j) is C_i · B_j
+    dout: torch.Tensor,  # like x
+    dstates: torch.Tensor,  # (batch, nchunks, nheads, headdim, dstate): the states leaving each chunk's gradient
+    D: torch.Tensor,  # (nheads,) or (nheads, headdim)
+    seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
+    dx: torch.Tensor,  # like x, written
+    block_m: int = BLOCK_M,
+    heads: int = HEADS,
+    num_warps: int = NUM_WARPS,
+    stages: int = STAGES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (written into ``dx``), the dt gradient (batch, nheads, nchunks, chunk) fp32 and D's (D's shape and
+    dtype): what mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` returns. ``heads`` is capped at the heads per
+    group and must divide them."""
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk = dt.shape
+    ngroups, dstate = B.shape[-2:]
+    heads = _heads_per_program(heads, nheads, ngroups, headdim, chunk)
+    row_blocks = triton.cdiv(chunk, block_m)
+    ddt = torch.empty(batch, nheads, nchunks, chunk, device=x.device, dtype=torch.float32)
+    d_columns = headdim if D.dim() == 2 else 1
+    dD = torch.empty(row_blocks, batch, nchunks, nheads, d_columns, device=x.device, dtype=torch.float32)
+    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    grid = (row_blocks, batch * nchunks, nheads // heads)
+    with torch.cuda.device(x.device.index):
+        _dx_kernel[grid](
+            x, CB, dout, dt, dA_cumsum, seq_idx, D, B, dstates,
+            dx, ddt, dD,
+            seqlen, batch, nheads // ngroups,
+            *x.stride(), *CB.stride(), *dout.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_strides, D.stride(0),
+            *B.stride(), *dstates.stride(), *dx.stride(), *ddt.stride(), *dD.stride()[:4],
+            CHUNK=chunk, HEADDIM=headdim, DSTATE=max(triton.next_power_of_2(dstate), 16), dstate=dstate,
+            HAS_SEQ_IDX=seq_idx is not None, D_HAS_HDIM=D.dim() == 2,
+            BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
+        )  # fmt: skip
+    dD = dD.sum(dim=(0, 1, 2))  # (nheads, D's columns)
+    return dx, ddt, (dD if D.dim() == 2 else dD[:, 0]).to(D.dtype)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    CB, X, DT, DA_CS, SEQ_IDX, C, STATES, D,  # DT and DA_CS (batch, nheads, nchunks, chunk)
+    OUT,  # like X
+    seqlen, batch, heads_per_group,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i, stride_cb_j,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
+    stride_da_b, stride_da_h, stride_da_c, stride_da_k,
+    stride_seq_b, stride_seq_t,
+    stride_c_b, stride_c_t, stride_c_g, stride_c_n,
+    stride_s_b, stride_s_c, stride_s_h, stride_s_p, stride_s_n,
+    stride_d_h,
+    stride_o_b, stride_o_t, stride_o_h, stride_o_p,
+    CHUNK: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    DSTATE: tl.constexpr,
+    dstate,
+    HAS_SEQ_IDX: tl.constexpr,
+    D_HAS_HDIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, b = pid_bc // batch, pid_bc % batch
+    first_head = pid_run * HEADS
+    group = first_head // heads_per_group
+    start = c * CHUNK
+    limit = min(CHUNK, seqlen - start)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps i of the chunk this program writes
+    cols = tl.arange(0, CHUNK)  # steps k
+    p = tl.arange(0, HEADDIM)
+    n = tl.arange(0, DSTATE)
+    row_in = rows < limit
+
+    # shared by the run's heads: C's rows and C·Bᵀ's, causal (k ≤ i)
+    c_rows = tl.load(
+        C + b * stride_c_b + (start + rows[:, None]) * stride_c_t + group * stride_c_g + n[None, :] * stride_c_n,
+        mask=row_in[:, None] & (n[None, :] < dstate),
+        other=0.0,
+    )  # (BLOCK_M, DSTATE)
+    causal = (cols[None, :] <= rows[:, None]) & (cols[None, :] < limit)
+    cb = tl.load(
+        CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + rows[:, None] * stride_cb_i
+        + cols[None, :] * stride_cb_j,
+        mask=causal,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, CHUNK)  # fmt: skip
+    if HAS_SEQ_IDX:  # the state entering the chunk reaches only the steps of its document
+        seq_rows = tl.load(SEQ_IDX + b * stride_seq_b + (start + rows) * stride_seq_t, mask=row_in, other=-1)
+        seq_prev = tl.load(SEQ_IDX + b * stride_seq_b + (start - 1) * stride_seq_t, mask=c >= 1, other=0)
+        same_doc = seq_rows == seq_prev
+
+    for i in tl.range(0, HEADS, num_stages=STAGES):
+        h = first_head + i
+        decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
+        da_rows = tl.load(decays + rows * stride_da_k, mask=rows < CHUNK, other=0.0).to(tl.float32)
+        da_cols = tl.load(decays + cols * stride_da_k).to(tl.float32)
+        dt_cols = tl.load(DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + cols * stride_dt_k).to(tl.float32)
+        scale = tl.exp(da_rows)
+        if HAS_SEQ_IDX:
+            scale = tl.where(same_doc, scale, 0.0)
+
+        states = tl.load(
+            STATES + b * stride_s_b + c * stride_s_c + h * stride_s_h + n[:, None] * stride_s_n
+            + p[None, :] * stride_s_p,
+            mask=n[:, None] < dstate,
+            other=0.0,
+        ).to(c_rows.dtype)  # (DSTATE, HEADDIM)  # fmt: skip
+        acc = tl.dot(c_rows, states) * scale[:, None]  # (BLOCK_M, HEADDIM)
+
+        x_cols = tl.load(
+            X + b * stride_x_b + (start + cols[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
+            mask=(cols < limit)[:, None],
+            other=0.0,
+        )  # (CHUNK, HEADDIM)
+        weights = cb * tl.exp(tl.minimum(da_rows[:, None] - da_cols[None, :], 0.0)) * dt_cols[None, :]
+        acc += tl.dot(tl.where(causal, weights, 0.0).to(x_cols.dtype), x_cols)
+
+        if BLOCK_M == CHUNK:  # the rows are the chunk's steps: x is loaded
+            x_rows = x_cols.to(tl.float32)
+        else:
+            x_rows = tl.load(
+                X + b * stride_x_b + (start + rows[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
+                mask=row_in[:, None],
+                other=0.0,
+            ).to(tl.float32)
+        if D_HAS_HDIM:
+            d = tl.load(D + h * stride_d_h + p).to(tl.float32)
+        else:
+            d = tl.load(D + h * stride_d_h).to(tl.float32)
+        acc += x_rows * d
+        tl.store(
+            OUT + b * stride_o_b + (start + rows[:, None]) * stride_o_t + h * stride_o_h + p[None, :] * stride_o_p,
+            acc.to(OUT.dtype.element_ty),
+            mask=row_in[:, None],
+        )
+
+
+def chunk_scan_fwd(
+    CB: torch.Tensor,  # (batch, nchunks, ngroups, chunk, chunk): entry (i, j) is C_i · B_j
+    x: torch.Tensor,  # (batch, seqlen, nheads, headdim)
+    dt: torch.Tensor,  # (batch, nheads, nchunks, chunk), after softplus
+    dA_cumsum: torch.Tensor,  # like dt
+    C: torch.Tensor,  # (batch, seqlen, ngroups, dstate)
+    states: torch.Tensor,  # (batch, nchunks, nheads, headdim, dstate): the states entering each chunk
+    D: torch.Tensor,  # (nheads,) or (nheads, headdim)
+    seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
+    block_m: int = FWD_BLOCK_M,
+    heads: int = FWD_HEADS,
+    num_warps: int = FWD_NUM_WARPS,
+    stages: int = FWD_STAGES,
+) -> torch.Tensor:
+    """The scan's output with D x added, (batch, seqlen, nheads, headdim) in x's dtype: what mamba_ssm's
+    ``_chunk_scan_fwd`` returns first without z. ``heads`` as in ``chunk_scan_chunk_state_bwd_dx``."""
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk = dt.shape
+    ngroups, dstate = C.shape[-2:]
+    heads = _heads_per_program(heads, nheads, ngroups, headdim, chunk)
+    out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
+    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    grid = (triton.cdiv(chunk, block_m), batch * nchunks, nheads // heads)
+    with torch.cuda.device(x.device.index):
+        _scan_fwd_kernel[grid](
+            CB, x, dt, dA_cumsum, seq_idx, C, states, D,
+            out,
+            seqlen, batch, nheads // ngroups,
+            *CB.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_strides, *C.stride(),
+            *states.stride(), D.stride(0), *out.stride(),
+            CHUNK=chunk, HEADDIM=headdim, DSTATE=max(triton.next_power_of_2(dstate), 16), dstate=dstate,
+            HAS_SEQ_IDX=seq_idx is not None, D_HAS_HDIM=D.dim() == 2,
+            BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
+        )  # fmt: skip
+    return out
+
+
+def _heads_per_program(heads: int, nheads: int, ngroups: int, headdim: int, chunk: int) -> int:
+    """``heads`` capped at a group's heads, which it must divide (a program's heads share one group's C and B)."""
+    assert headdim == triton.next_power_of_2(headdim) and chunk == triton.next_power_of_2(chunk)
+    per_group = nheads // ngroups
+    heads = min(heads, per_group)
+    assert per_group % heads == 0, f"{heads} heads a program do not divide the {per_group} of a group"
+    return heads
