@@ -66,8 +66,8 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    own_dx: bool = True  # with own_bwd_launch: ops/ssd_group.py's x-gradient kernel (heads a program), else mamba_ssm's
-    own_scan_fwd: bool = True  # ops/ssd_group.py's chunked-scan forward (heads a program), else mamba_ssm's
+    own_dx: bool = True  # with own_bwd_launch, 16-bit x: ops/ssd_group.py's x-gradient kernel, else mamba_ssm's
+    own_scan_fwd: bool = True  # 16-bit x: ops/ssd_group.py's chunked-scan forward, else mamba_ssm's
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -141,7 +141,7 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        if kernels.own_scan_fwd:  # y includes D x
+        if kernels.own_scan_fwd and ssd_group.launches(x):  # y includes D x
             y = ssd_group.chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D, seq_idx)
         else:
             y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
@@ -224,7 +224,7 @@ class ConvSSDScan(torch.autograd.Function):
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
-            if kernels.own_dx:
+            if kernels.own_dx and ssd_group.launches(x):
                 dx, ddt_act, dD = ssd_group.chunk_scan_chunk_state_bwd_dx(
                     x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
                 )

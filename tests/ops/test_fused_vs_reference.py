@@ -588,6 +588,8 @@ def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
     if name == "linears[autocast]" and dtype == FP32:
         return "autocast computes in bf16: the bf16 case covers it"
+    if name.endswith(("upstream dx]", "upstream scan fwd]")) and dtype == FP32:
+        return "fp32 inputs take mamba_ssm's kernels (ssd_group's launch shapes fit shared memory in 16-bit only)"
     if name.startswith("flash"):
         if not FLASH:
             return "flash_attn not importable"
