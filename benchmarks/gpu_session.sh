@@ -342,11 +342,6 @@ for phase in "${phases[@]}"; do
       run group-sweep 170 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx
       run bench-group 380 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_scan_fwd,own_dx,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
-    halves)  # ssd_group's kernels working a chunk in halves: their sweeps, then the mixer's cases against the reference
-      # (fp32 takes mamba_ssm's kernels) and against mamba_ssm's kernels (bf16)
-      run group-sweep 170 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx
-      run halves-tests 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
-        --durations=5 -k "conv_ssd_scan[seq_idx] or conv_ssd_scan- or upstream dx or upstream scan" ;;
     grouptrack)  # ops/ssd_group.py's kernels: the 200-step tracking beside the mixer's GPU cases (against the
       # reference, against mamba_ssm's kernels, one split), the Mamba-2 models and the captured steps (neither timed)
       track200 430 &

@@ -212,7 +212,7 @@ def ssd_variants(
     packed: bool, quick: bool,
 ) -> dict[str, Callable]:  # fmt: skip
     """``ops/ssd_group.py``'s kernels as ``ops/conv_ssd.py`` calls them, against mamba_ssm's through the launches
-    the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (heads per program, warps,
+    the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (rows, heads per program, warps,
     stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient. x, B, C and dx slices of the
     conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ and the decays
     fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
@@ -239,30 +239,35 @@ def ssd_variants(
         def upstream():
             return upstream_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)[:1]
 
-        def ours(heads, warps, stages):
+        def ours(block_m, heads, warps, stages):
             return lambda: (
                 ssd_group.chunk_scan_fwd(
-                    CB, x, dt, dA_cumsum, C, states, D, seq_idx, heads=heads, num_warps=warps, stages=stages
+                    CB, x, dt, dA_cumsum, C, states, D, seq_idx, block_m=block_m, heads=heads, num_warps=warps,
+                    stages=stages,
                 ),
             )  # fmt: skip
 
         variants = {"mamba_ssm scan fwd (wider list)": upstream}
+        defaults = (ssd_group.FWD_BLOCK_M, ssd_group.FWD_HEADS, ssd_group.FWD_NUM_WARPS, ssd_group.FWD_STAGES)
     else:
 
         def upstream():
             return ssd_bwd.chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, states, D, seq_idx, dx)
 
-        def ours(heads, warps, stages):
+        def ours(block_m, heads, warps, stages):
             return lambda: ssd_group.chunk_scan_chunk_state_bwd_dx(
-                x, dt, dA_cumsum, B, CB, dy, states, D, seq_idx, dx, heads=heads, num_warps=warps, stages=stages
+                x, dt, dA_cumsum, B, CB, dy, states, D, seq_idx, dx, block_m=block_m, heads=heads, num_warps=warps,
+                stages=stages,
             )  # fmt: skip
 
         variants = {"mamba_ssm dx (wider list)": upstream}
+        defaults = (ssd_group.BLOCK_M, ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
 
-    defaults = (ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
-    shapes = [defaults] if quick else itertools.product((16, 32), (4, 8), (2, 3, 4))
+    # the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower; rows 128 at 3 stages ran out of
+    # shared memory until dy was loaded once
+    shapes = [defaults] if quick else [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]
     for shape in shapes:
-        variants["ours heads {} warps {} stages {}".format(*shape)] = ours(*shape)
+        variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
     return variants
 
 

@@ -170,19 +170,19 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
             assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
 
 
-@pytest.mark.parametrize("seqlen", [88, 72], ids=["last chunk cut in its second half", "in its first half"])
+@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
 @pytest.mark.parametrize("heads", [1, 2], ids=["a head a program", "two heads a program"])
 @pytest.mark.parametrize("D_per_column", [False, True], ids=["D per head", "D per column"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
-def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty, packed, D_per_column, heads, seqlen):
+def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty, packed, D_per_column, heads, rows):
     """``ops/ssd_group.py``'s kernel against mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``: the same arithmetic
     summed in another order (fp32, so to rounding). Two groups of two heads, a last chunk cut short by the
-    sequence's end (the kernel works a chunk in two halves of steps); with documents, a boundary inside a chunk
-    and one on a chunk's first step."""
+    sequence's end; with documents, a boundary inside a chunk and one on a chunk's first step. With one row block
+    a chunk, the kernel reads dy once for both of its uses."""
     from hybridlm.ops import ssd_group
 
     torch.manual_seed(0)
-    batch, nheads, headdim, ngroups, dstate, chunk = 2, 4, 16, 2, 16, 32
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
     nchunks = -(-seqlen // chunk)
     x, dy = torch.randn(batch, seqlen, nheads, headdim), torch.randn(batch, seqlen, nheads, headdim)
     B = torch.randn(batch, seqlen, ngroups, dstate)
@@ -201,7 +201,7 @@ def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty,
     want = upstream.combined._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
     dx = torch.empty_like(x)
     got = ssd_group.chunk_scan_chunk_state_bwd_dx(
-        x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, heads=heads, num_warps=4, stages=2
+        x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=rows, heads=heads, num_warps=4, stages=2
     )
     assert got[0] is dx
     for name, g, w in zip(("dx", "ddt", "dD"), got, want, strict=True):
@@ -209,12 +209,12 @@ def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty,
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize("seqlen", [88, 72], ids=["last chunk cut in its second half", "in its first half"])
+@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
 @pytest.mark.parametrize("heads", [1, 2], ids=["a head a program", "two heads a program"])
 @pytest.mark.parametrize("D_per_column", [False, True], ids=["D per head", "D per column"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
 def test_own_scan_forward_gives_what_mamba_ssm_scan_forward_gives(
-    upstream, nan_empty, packed, D_per_column, heads, seqlen
+    upstream, nan_empty, packed, D_per_column, heads, rows
 ):
     """``ops/ssd_group.py``'s chunked-scan forward against mamba_ssm's ``_chunk_scan_fwd`` (without z), as the dx
     kernel's test: fp32, the same arithmetic summed in another order; with documents, a boundary inside a chunk
@@ -222,7 +222,7 @@ def test_own_scan_forward_gives_what_mamba_ssm_scan_forward_gives(
     from hybridlm.ops import ssd_group
 
     torch.manual_seed(0)
-    batch, nheads, headdim, ngroups, dstate, chunk = 2, 4, 16, 2, 16, 32
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
     nchunks = -(-seqlen // chunk)
     x, C = torch.randn(batch, seqlen, nheads, headdim), torch.randn(batch, seqlen, ngroups, dstate)
     dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
@@ -238,5 +238,7 @@ def test_own_scan_forward_gives_what_mamba_ssm_scan_forward_gives(
         seq_idx[1, 64:] = 1
 
     want, _ = upstream.scan._chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
-    got = ssd_group.chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D, seq_idx, heads=heads, num_warps=4, stages=2)
+    got = ssd_group.chunk_scan_fwd(
+        CB, x, dt, dA_cumsum, C, states, D, seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
