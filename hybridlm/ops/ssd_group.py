@@ -29,15 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch shapes, from ``benchmarks/own_kernels.py --kernels dx,scan`` on an H200 at the 500M config's 1x32768
-# (chunk 128, head_dim 64, d_state 128, 32 heads in one group). The x gradient (3c28159): 0.349 ms a layer at rows
-# 128, 32 heads, 8 warps, 3 stages against mamba_ssm's 0.413 (its wider autotuning list); 16 / 8 heads 0.357 /
-# 0.372, 2 stages 0.386-0.404, rows 64 0.48-0.62 (dy and dS read twice), 4 warps 0.83-0.95 (spilled registers).
+# Launch shapes, from ``benchmarks/own_kernels.py --kernels scan,dx`` on an H200 at the 500M config's 1x32768
+# (chunk 128, head_dim 64, d_state 128, 32 heads in one group; 3c28159, e8fd103). The x gradient: 0.349-0.351 ms a
+# layer at rows 128, 32 heads, 8 warps, 3 stages against mamba_ssm's 0.409-0.413 (its wider autotuning list); 16 /
+# 8 heads 0.357 / 0.372, 2 stages 0.386-0.404, rows 64 0.48-0.62 (dy and dS read twice), 4 warps 0.83-0.95 (spilled
+# registers). The forward: 0.261 ms at the same shape against 0.287 (0.262 against 0.295 with documents); 16 / 8
+# heads 0.267 / 0.282, 2 stages 0.314-0.332, rows 64 0.347. Working the chunk in two halves of rows and columns to
+# skip C·Bᵀ's zero block (bd3c36b, reverted) was slower: 0.475 and 0.357 ms at best (six 64-row products a head).
 BLOCK_M = 128  # rows of the chunk per program
 HEADS = 32  # heads per program (of one group)
 NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
-FWD_BLOCK_M, FWD_HEADS, FWD_NUM_WARPS, FWD_STAGES = 128, 32, 8, 3  # the forward's (sweep to follow)
+FWD_BLOCK_M, FWD_HEADS, FWD_NUM_WARPS, FWD_STAGES = 128, 32, 8, 3  # the forward's: the same
 
 
 def launches(x: torch.Tensor) -> bool:
