@@ -351,7 +351,7 @@ for phase in "${phases[@]}"; do
       wait ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
-      run dx-tests 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+      run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan or model_fused_matches_reference and 2- or captured_step and 2" ;;
     *) echo "unknown phase $phase" ;;
