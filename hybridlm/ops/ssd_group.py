@@ -50,6 +50,21 @@ def launches(x: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """``ptr[rows, cols]``, zero from row ``n_rows`` and column ``n_cols`` on."""
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _times_state(rows, STATE, n, p, stride_n, stride_p, dstate):
+    """``rows`` (of B or C, (BLOCK_M, DSTATE)) times a head's state or its gradient (stored (headdim, dstate)),
+    read in the rows' dtype as upstream reads it: (BLOCK_M, HEADDIM) fp32."""
+    state = _tile(STATE, n, p, stride_n, stride_p, dstate, p.shape[0])
+    return tl.dot(rows, state.to(rows.dtype))
+
+
+@triton.jit
 def _dx_kernel(
     X, CB, DY, DT, DA_CS, SEQ_IDX, D, B, DSTATES,  # inputs; DT and DA_CS (batch, nheads, nchunks, chunk)
     DX, DDT, DD,  # DX like X; DDT like DT, fp32; DD (row blocks, batch, nchunks, nheads, D's columns) fp32
@@ -90,11 +105,8 @@ def _dx_kernel(
     row_in = rows < limit
 
     # shared by the run's heads: B's rows and C·Bᵀ's (k, j) entries for j in the rows, all k, causal (k ≥ j)
-    b_rows = tl.load(
-        B + b * stride_b_b + (start + rows[:, None]) * stride_b_t + group * stride_b_g + n[None, :] * stride_b_n,
-        mask=row_in[:, None] & (n[None, :] < dstate),
-        other=0.0,
-    )  # (BLOCK_M, DSTATE)
+    b_base = B + b * stride_b_b + start * stride_b_t + group * stride_b_g
+    b_rows = _tile(b_base, rows, n, stride_b_t, stride_b_n, limit, dstate)  # (BLOCK_M, DSTATE)
     causal = (cols[None, :] >= rows[:, None]) & (cols[None, :] < limit)
     cb = tl.load(
         CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + cols[None, :] * stride_cb_i
@@ -117,19 +129,11 @@ def _dx_kernel(
         if HAS_SEQ_IDX:
             scale = tl.where(same_doc, scale, 0.0)
 
-        dstates = tl.load(
-            DSTATES + b * stride_ds_b + c * stride_ds_c + h * stride_ds_h + n[:, None] * stride_ds_n
-            + p[None, :] * stride_ds_p,
-            mask=n[:, None] < dstate,
-            other=0.0,
-        ).to(b_rows.dtype)  # (DSTATE, HEADDIM)  # fmt: skip
-        acc = tl.dot(b_rows, dstates) * scale[:, None]  # (BLOCK_M, HEADDIM)
+        dstates = DSTATES + b * stride_ds_b + c * stride_ds_c + h * stride_ds_h
+        acc = _times_state(b_rows, dstates, n, p, stride_ds_n, stride_ds_p, dstate) * scale[:, None]
 
-        dy_cols = tl.load(
-            DY + b * stride_dy_b + (start + cols[:, None]) * stride_dy_t + h * stride_dy_h + p[None, :] * stride_dy_p,
-            mask=(cols < limit)[:, None],
-            other=0.0,
-        )  # (CHUNK, HEADDIM)
+        dy_base = DY + b * stride_dy_b + start * stride_dy_t + h * stride_dy_h
+        dy_cols = _tile(dy_base, cols, p, stride_dy_t, stride_dy_p, limit, HEADDIM)  # (CHUNK, HEADDIM)
         # the mask again after the exp: outside it the difference can be large and positive (inf * 0)
         weights = tl.where(causal, cb * tl.exp(tl.minimum(da_cols[None, :] - da_rows[:, None], 0.0)), 0.0)
         acc += tl.dot(weights.to(dy_cols.dtype), dy_cols)
@@ -140,17 +144,9 @@ def _dx_kernel(
         if BLOCK_M == CHUNK:  # the rows are the chunk's steps: dy is loaded
             dy_rows = dy_cols.to(tl.float32)
         else:
-            dy_rows = tl.load(
-                DY + b * stride_dy_b + (start + rows[:, None]) * stride_dy_t + h * stride_dy_h
-                + p[None, :] * stride_dy_p,
-                mask=row_in[:, None],
-                other=0.0,
-            ).to(tl.float32)  # fmt: skip
-        x_rows = tl.load(
-            X + b * stride_x_b + (start + rows[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
-            mask=row_in[:, None],
-            other=0.0,
-        ).to(tl.float32)
+            dy_rows = _tile(dy_base, rows, p, stride_dy_t, stride_dy_p, limit, HEADDIM).to(tl.float32)
+        x_base = X + b * stride_x_b + start * stride_x_t + h * stride_x_h
+        x_rows = _tile(x_base, rows, p, stride_x_t, stride_x_p, limit, HEADDIM).to(tl.float32)
         if D_HAS_HDIM:
             d = tl.load(D + h * stride_d_h + p).to(tl.float32)
             d_partial = tl.sum(dy_rows * x_rows, axis=0)  # (HEADDIM,)
@@ -255,11 +251,8 @@ def _scan_fwd_kernel(
     row_in = rows < limit
 
     # shared by the run's heads: C's rows and C·Bᵀ's, causal (k ≤ i)
-    c_rows = tl.load(
-        C + b * stride_c_b + (start + rows[:, None]) * stride_c_t + group * stride_c_g + n[None, :] * stride_c_n,
-        mask=row_in[:, None] & (n[None, :] < dstate),
-        other=0.0,
-    )  # (BLOCK_M, DSTATE)
+    c_base = C + b * stride_c_b + start * stride_c_t + group * stride_c_g
+    c_rows = _tile(c_base, rows, n, stride_c_t, stride_c_n, limit, dstate)  # (BLOCK_M, DSTATE)
     causal = (cols[None, :] <= rows[:, None]) & (cols[None, :] < limit)
     cb = tl.load(
         CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + rows[:, None] * stride_cb_i
@@ -282,30 +275,18 @@ def _scan_fwd_kernel(
         if HAS_SEQ_IDX:
             scale = tl.where(same_doc, scale, 0.0)
 
-        states = tl.load(
-            STATES + b * stride_s_b + c * stride_s_c + h * stride_s_h + n[:, None] * stride_s_n
-            + p[None, :] * stride_s_p,
-            mask=n[:, None] < dstate,
-            other=0.0,
-        ).to(c_rows.dtype)  # (DSTATE, HEADDIM)  # fmt: skip
-        acc = tl.dot(c_rows, states) * scale[:, None]  # (BLOCK_M, HEADDIM)
+        states = STATES + b * stride_s_b + c * stride_s_c + h * stride_s_h
+        acc = _times_state(c_rows, states, n, p, stride_s_n, stride_s_p, dstate) * scale[:, None]
 
-        x_cols = tl.load(
-            X + b * stride_x_b + (start + cols[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
-            mask=(cols < limit)[:, None],
-            other=0.0,
-        )  # (CHUNK, HEADDIM)
+        x_base = X + b * stride_x_b + start * stride_x_t + h * stride_x_h
+        x_cols = _tile(x_base, cols, p, stride_x_t, stride_x_p, limit, HEADDIM)  # (CHUNK, HEADDIM)
         weights = cb * tl.exp(tl.minimum(da_rows[:, None] - da_cols[None, :], 0.0)) * dt_cols[None, :]
         acc += tl.dot(tl.where(causal, weights, 0.0).to(x_cols.dtype), x_cols)
 
         if BLOCK_M == CHUNK:  # the rows are the chunk's steps: x is loaded
             x_rows = x_cols.to(tl.float32)
         else:
-            x_rows = tl.load(
-                X + b * stride_x_b + (start + rows[:, None]) * stride_x_t + h * stride_x_h + p[None, :] * stride_x_p,
-                mask=row_in[:, None],
-                other=0.0,
-            ).to(tl.float32)
+            x_rows = _tile(x_base, rows, p, stride_x_t, stride_x_p, limit, HEADDIM).to(tl.float32)
         if D_HAS_HDIM:
             d = tl.load(D + h * stride_d_h + p).to(tl.float32)
         else:

@@ -170,38 +170,50 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
             assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
 
 
+def scan_inputs(D_per_column: bool, packed: bool) -> types.SimpleNamespace:
+    """fp32 inputs of the chunked scan's kernels: two groups of two heads, two rows of 88 steps in chunks of 32 (the
+    last cut short by the sequence's end); ``packed``: a document boundary inside a chunk and one on a chunk's first
+    step. ``states`` serves as the states entering each chunk or as the gradient of those leaving it."""
+    torch.manual_seed(0)
+    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
+    nchunks = -(-seqlen // chunk)
+    dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
+    dt[:, :, -1, seqlen % chunk :] = 0  # past the sequence's end, as the chunked cumsum leaves them
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[0, 45:] = 1
+        seq_idx[1, 64:] = 1
+    return types.SimpleNamespace(
+        x=torch.randn(batch, seqlen, nheads, headdim),
+        dy=torch.randn(batch, seqlen, nheads, headdim),
+        B=torch.randn(batch, seqlen, ngroups, dstate),
+        C=torch.randn(batch, seqlen, ngroups, dstate),
+        dt=dt,
+        dA_cumsum=(-dt * torch.rand(nheads)[:, None, None]).cumsum(-1),
+        states=torch.randn(batch, nchunks, nheads, headdim, dstate),
+        CB=torch.randn(batch, nchunks, ngroups, chunk, chunk),
+        D=torch.randn(nheads, headdim) if D_per_column else torch.randn(nheads),
+        seq_idx=seq_idx,
+    )
+
+
 @pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
 @pytest.mark.parametrize("heads", [1, 2], ids=["a head a program", "two heads a program"])
 @pytest.mark.parametrize("D_per_column", [False, True], ids=["D per head", "D per column"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
 def test_own_dx_kernel_gives_what_mamba_ssm_dx_kernel_gives(upstream, nan_empty, packed, D_per_column, heads, rows):
     """``ops/ssd_group.py``'s kernel against mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx``: the same arithmetic
-    summed in another order (fp32, so to rounding). Two groups of two heads, a last chunk cut short by the
-    sequence's end; with documents, a boundary inside a chunk and one on a chunk's first step. With one row block
-    a chunk, the kernel reads dy once for both of its uses."""
+    summed in another order (fp32, so to rounding). With one row block a chunk, the kernel reads dy once for both
+    of its uses."""
     from hybridlm.ops import ssd_group
 
-    torch.manual_seed(0)
-    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
-    nchunks = -(-seqlen // chunk)
-    x, dy = torch.randn(batch, seqlen, nheads, headdim), torch.randn(batch, seqlen, nheads, headdim)
-    B = torch.randn(batch, seqlen, ngroups, dstate)
-    dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
-    dt[:, :, -1, seqlen % chunk :] = 0  # past the sequence's end, as the chunked cumsum leaves them
-    dA_cumsum = (-dt * torch.rand(nheads)[:, None, None]).cumsum(-1)
-    dstates = torch.randn(batch, nchunks, nheads, headdim, dstate)
-    CB = torch.randn(batch, nchunks, ngroups, chunk, chunk)
-    D = torch.randn(nheads, headdim) if D_per_column else torch.randn(nheads)
-    seq_idx = None
-    if packed:
-        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
-        seq_idx[0, 45:] = 1
-        seq_idx[1, 64:] = 1
-
-    want = upstream.combined._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
-    dx = torch.empty_like(x)
+    i = scan_inputs(D_per_column, packed)
+    args = (i.x, i.dt, i.dA_cumsum, i.B, i.CB, i.dy, i.states)
+    want = upstream.combined._chunk_scan_chunk_state_bwd_dx(*args, D=i.D, seq_idx=i.seq_idx)
+    dx = torch.empty_like(i.x)
     got = ssd_group.chunk_scan_chunk_state_bwd_dx(
-        x, dt, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, block_m=rows, heads=heads, num_warps=4, stages=2
+        *args, i.D, i.seq_idx, dx, block_m=rows, heads=heads, num_warps=4, stages=2
     )
     assert got[0] is dx
     for name, g, w in zip(("dx", "ddt", "dD"), got, want, strict=True):
@@ -217,28 +229,12 @@ def test_own_scan_forward_gives_what_mamba_ssm_scan_forward_gives(
     upstream, nan_empty, packed, D_per_column, heads, rows
 ):
     """``ops/ssd_group.py``'s chunked-scan forward against mamba_ssm's ``_chunk_scan_fwd`` (without z), as the dx
-    kernel's test: fp32, the same arithmetic summed in another order; with documents, a boundary inside a chunk
-    (the state entering it reaches only the steps before it) and one on a chunk's first step (reaching none)."""
+    kernel's test; with documents the state entering a chunk reaches only the steps of its document (none, where
+    one starts on the chunk's first step)."""
     from hybridlm.ops import ssd_group
 
-    torch.manual_seed(0)
-    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
-    nchunks = -(-seqlen // chunk)
-    x, C = torch.randn(batch, seqlen, nheads, headdim), torch.randn(batch, seqlen, ngroups, dstate)
-    dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
-    dt[:, :, -1, seqlen % chunk :] = 0
-    dA_cumsum = (-dt * torch.rand(nheads)[:, None, None]).cumsum(-1)
-    states = torch.randn(batch, nchunks, nheads, headdim, dstate)
-    CB = torch.randn(batch, nchunks, ngroups, chunk, chunk)
-    D = torch.randn(nheads, headdim) if D_per_column else torch.randn(nheads)
-    seq_idx = None
-    if packed:
-        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
-        seq_idx[0, 45:] = 1
-        seq_idx[1, 64:] = 1
-
-    want, _ = upstream.scan._chunk_scan_fwd(CB, x, dt, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
-    got = ssd_group.chunk_scan_fwd(
-        CB, x, dt, dA_cumsum, C, states, D, seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2
-    )
+    i = scan_inputs(D_per_column, packed)
+    args = (i.CB, i.x, i.dt, i.dA_cumsum, i.C, i.states)
+    want, _ = upstream.scan._chunk_scan_fwd(*args, D=i.D, seq_idx=i.seq_idx)
+    got = ssd_group.chunk_scan_fwd(*args, i.D, i.seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
