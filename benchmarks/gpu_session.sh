@@ -350,11 +350,11 @@ for phase in "${phases[@]}"; do
         -k "conv_ssd_scan or model_fused_matches_reference and 2- or captured_step and 2"
       wait ;;
     groupcheck)  # ssd_group's kernels after a change that should not move them: their default launches timed against
-      # mamba_ssm's, the mixer against mamba_ssm's kernels (bf16), the Mamba-2 model in bf16, the captured steps
+      # mamba_ssm's, the mixer against mamba_ssm's kernels (bf16), the Mamba-2 models, the captured steps
       run group-quick 120 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx --quick
-      run group-check 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+      run group-check 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "upstream and (dx or fwd) or model_fused_matches_reference and 2-bf16 or captured_step and 2" ;;
+        -k "conv_ssd_scan and (dx or fwd) or model_fused_matches_reference and 2- or captured_step and 2" ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
