@@ -248,7 +248,6 @@ def ssd_variants(
             )  # fmt: skip
 
         variants = {"mamba_ssm scan fwd (wider list)": upstream}
-        defaults = (ssd_group.FWD_BLOCK_M, ssd_group.FWD_HEADS, ssd_group.FWD_NUM_WARPS, ssd_group.FWD_STAGES)
     else:
 
         def upstream():
@@ -261,8 +260,8 @@ def ssd_variants(
             )  # fmt: skip
 
         variants = {"mamba_ssm dx (wider list)": upstream}
-        defaults = (ssd_group.BLOCK_M, ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
 
+    defaults = (ssd_group.BLOCK_M, ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
     # the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower; rows 128 at 3 stages ran out of
     # shared memory until dy was loaded once
     shapes = [defaults] if quick else [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]

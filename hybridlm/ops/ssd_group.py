@@ -20,7 +20,8 @@ of a row, so dt's gradient is stored, not added atomically, and D's is summed pe
 (deterministic). C·Bᵀ is multiplied by the head's decays (and dt) in fp32 and rounded to x's (dy's) dtype before
 its product, as upstream does.
 
-CUDA (or Triton's interpreter); called by the fused mixer only (``MixerKernels.own_scan_fwd`` and ``own_dx``).
+16-bit inputs on CUDA (``launches``: fp32 tiles overflow shared memory at these launch shapes), any under Triton's
+interpreter; called by the fused mixer only (``MixerKernels.own_scan_fwd`` and ``own_dx``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ import triton.language as tl
 # registers). The forward: 0.261 ms at the same shape against 0.287 (0.262 against 0.295 with documents); 16 / 8
 # heads 0.267 / 0.282, 2 stages 0.314-0.332, rows 64 0.347. Working the chunk in two halves of rows and columns to
 # skip C·Bᵀ's zero block (bd3c36b, reverted) was slower: 0.475 and 0.357 ms at best (six 64-row products a head).
-BLOCK_M = 128  # rows of the chunk per program
+BLOCK_M = 128  # rows of the chunk per program (both kernels: the same launch won each sweep)
 HEADS = 32  # heads per program (of one group)
 NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
-FWD_BLOCK_M, FWD_HEADS, FWD_NUM_WARPS, FWD_STAGES = 128, 32, 8, 3  # the forward's: the same
 
 
 def launches(x: torch.Tensor) -> bool:
@@ -308,10 +308,10 @@ def chunk_scan_fwd(
     states: torch.Tensor,  # (batch, nchunks, nheads, headdim, dstate): the states entering each chunk
     D: torch.Tensor,  # (nheads,) or (nheads, headdim)
     seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
-    block_m: int = FWD_BLOCK_M,
-    heads: int = FWD_HEADS,
-    num_warps: int = FWD_NUM_WARPS,
-    stages: int = FWD_STAGES,
+    block_m: int = BLOCK_M,
+    heads: int = HEADS,
+    num_warps: int = NUM_WARPS,
+    stages: int = STAGES,
 ) -> torch.Tensor:
     """The scan's output with D x added, (batch, seqlen, nheads, headdim) in x's dtype: what mamba_ssm's
     ``_chunk_scan_fwd`` returns first without z. ``heads`` as in ``chunk_scan_chunk_state_bwd_dx``."""
