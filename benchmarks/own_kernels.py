@@ -3,7 +3,9 @@ their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_
 ``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py`` and
 ``hybridlm/ops/ssd_group.py``.
 
-    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels norm,loss,scan,dx] [--quick]
+    python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels KERNELS] [--quick]
+
+KERNELS: a comma list of norm, loss, state, conv, scan, dx (default norm,loss).
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's

@@ -9,6 +9,10 @@ same arguments give the same numbers, so the outputs must be equal: dB, dC and d
 mamba_ssm sums them; with the accumulators zeroed by the caller and the kernels launched without their zeroing
 pre-hooks, too. Every ``torch.empty`` is NaN-filled meanwhile, so a buffer read before it is zeroed or written
 shows. The GPU tests hold the whole mixer with these launches to the one with mamba_ssm's wrappers.
+
+hybridlm's own kernels for two of those steps (``ops/ssd_group.py``: the chunked scan's forward and its x gradient)
+are held here to mamba_ssm's kernels on the same inputs, to fp32 rounding (the same arithmetic, summed in another
+order).
 """
 
 from __future__ import annotations
