@@ -29,9 +29,10 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   where mamba_ssm's pre-hooks launch one each;
 - with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
   over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries).
-- with 16-bit inputs the chunked scan's forward and its x gradient are hybridlm's own Triton kernels
-  (``ops/ssd_group.py``: mamba_ssm's arithmetic, each program walking a run of a group's heads with the rows of C
-  or B and C·Bᵀ they share held, 1.10x and 1.17x faster at the 500M config's shapes).
+- with 16-bit inputs of the shapes run on the GPU (``ssd_group.launches``) the chunked scan's forward and its x
+  gradient are hybridlm's own Triton kernels (``ops/ssd_group.py``: mamba_ssm's arithmetic, each program walking
+  a run of a group's heads with the rows of C or B and C·Bᵀ they share held, 1.10x and 1.17x faster at the 500M
+  config's shapes).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -69,8 +70,8 @@ class MixerKernels:
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
-    own_dx: bool = True  # with own_bwd_launch, 16-bit x: ops/ssd_group.py's x-gradient kernel, else mamba_ssm's
-    own_scan_fwd: bool = True  # 16-bit x: ops/ssd_group.py's chunked-scan forward, else mamba_ssm's
+    own_dx: bool = True  # with own_bwd_launch, where ssd_group.launches: its x-gradient kernel, else mamba_ssm's
+    own_scan_fwd: bool = True  # where ops/ssd_group.launches: its chunked-scan forward, else mamba_ssm's
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -144,7 +145,7 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        if kernels.own_scan_fwd and ssd_group.launches(x):  # y includes D x
+        if kernels.own_scan_fwd and ssd_group.launches(x, B.shape[-1], chunk_size):  # y includes D x
             y = ssd_group.chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D, seq_idx)
         else:
             y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
@@ -227,7 +228,7 @@ class ConvSSDScan(torch.autograd.Function):
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
-            if kernels.own_dx and ssd_group.launches(x):
+            if kernels.own_dx and ssd_group.launches(x, B.shape[-1], chunk_size):
                 dx, ddt_act, dD = ssd_group.chunk_scan_chunk_state_bwd_dx(
                     x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
                 )

@@ -20,3 +20,8 @@ def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
 def int32_seq_idx(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     """Document ids as the kernels read them: contiguous int32 (the model passes them in any integer dtype)."""
     return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+
+
+def seq_idx_strides(seq_idx: torch.Tensor | None) -> tuple[int, int]:
+    """Document ids' strides as a Triton kernel takes them, (0, 0) without documents."""
+    return (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)

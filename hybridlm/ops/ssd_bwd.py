@@ -30,6 +30,8 @@ from functools import cache
 import torch
 import triton
 
+from hybridlm.ops.layout import seq_idx_strides
+
 
 def _splits(batch: int, nchunks: int, nheads: int, ngroups: int, device: torch.device) -> tuple[int, int]:
     """(heads per program, splits of a group's heads) as mamba_ssm's wrappers choose them: enough programs to
@@ -42,10 +44,6 @@ def _splits(batch: int, nchunks: int, nheads: int, ngroups: int, device: torch.d
 
 def _sum_splits(t: torch.Tensor) -> torch.Tensor:
     return t.squeeze(2) if t.shape[2] == 1 else t.sum(2)
-
-
-def _seq_idx_strides(seq_idx: torch.Tensor | None) -> tuple[int, int]:
-    return (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
 
 
 def _chunk_strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -149,7 +147,7 @@ class _StateGradLaunch:
 
     def last_strides(self, seq_idx) -> tuple[int, ...]:
         """Both kernels' last stride arguments: seq_idx's, the gradient's, the decays' terms'."""
-        return *_seq_idx_strides(seq_idx), *self.grad.stride(), *_chunk_strides(self.ddA), self.stride_tile
+        return *seq_idx_strides(seq_idx), *self.grad.stride(), *_chunk_strides(self.ddA), self.stride_tile
 
     def meta(self, seq_idx, headdim: int) -> dict:
         return {
@@ -251,7 +249,7 @@ def chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups: int, seq_idx=None) -> to
             chunk_size, headdim,
             batch, seqlen, nheads, per_program, ngroups,
             *x.stride(), *dout.stride(), 0, 0, 0, 0, 0, *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
-            *_seq_idx_strides(seq_idx), *dcb.stride(), 0, 0, 0, 0, 0,
+            *seq_idx_strides(seq_idx), *dcb.stride(), 0, 0, 0, 0, 0,
             HAS_DDA_CS=False, HAS_SEQ_IDX=seq_idx is not None,
             BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
         )  # fmt: skip
@@ -317,7 +315,7 @@ def chunk_scan_chunk_state_bwd_dx(
             chunk_size, headdim, dstate,
             batch, seqlen, nheads // ngroups,
             *x.stride(), *CB.stride()[:3], CB.stride(-1), CB.stride(-2), *dout.stride(),
-            *_chunk_strides(dt), *_chunk_strides(dA_cumsum), *_seq_idx_strides(seq_idx), D.stride(0),
+            *_chunk_strides(dt), *_chunk_strides(dA_cumsum), *seq_idx_strides(seq_idx), D.stride(0),
             *B.stride(), *dstates.stride(), *dx.stride(),
             *_chunk_strides(ddt), ddt.stride(-1) if deterministic else 0,
             dD.stride(1), dD.stride(2), dD.stride(3), dD.stride(0), dD.stride(4),

@@ -20,8 +20,8 @@ of a row, so dt's gradient is stored, not added atomically, and D's is summed pe
 (deterministic). C·Bᵀ is multiplied by the head's decays (and dt) in fp32 and rounded to x's (dy's) dtype before
 its product, as upstream does.
 
-16-bit inputs on CUDA (``launches``: fp32 tiles overflow shared memory at these launch shapes), any under Triton's
-interpreter; called by the fused mixer only (``MixerKernels.own_scan_fwd`` and ``own_dx``).
+On CUDA the mixer calls them only where ``launches`` says their tiles fit (16-bit inputs, the shapes run on the
+GPU); under Triton's interpreter any power-of-two head_dim and chunk (``MixerKernels.own_scan_fwd`` and ``own_dx``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from hybridlm.ops.layout import seq_idx_strides
 
 # Launch shapes, from ``benchmarks/own_kernels.py --kernels scan,dx`` on an H200 at the 500M config's 1x32768
 # (chunk 128, head_dim 64, d_state 128, 32 heads in one group; 3c28159, e8fd103). The x gradient: 0.349-0.351 ms a
@@ -43,10 +45,14 @@ NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
 
 
-def launches(x: torch.Tensor) -> bool:
-    """Whether these launch shapes take ``x``: 16-bit inputs only. With fp32 tiles a program needs ~290 KB of shared
-    memory, over the H200's 227 KB; the mixer then runs mamba_ssm's kernels (fp32 is not the fast path)."""
-    return x.element_size() == 2
+def launches(x: torch.Tensor, dstate: int, chunk: int) -> bool:
+    """Whether these kernels take a scan of ``x`` (batch, seqlen, nheads, headdim): 16-bit x, head_dim 32 or 64,
+    d_state up to 128 and a chunk of 32 to 128 steps, the shapes run on the GPU (the 500M config's 64 / 128 / 128,
+    the GPU tests' 32 / 16 / 32). With fp32 tiles, or larger ones, a program needs more shared memory than an H200
+    has (fp32 at the 500M config's shapes: ~290 KB of 227); the mixer then runs mamba_ssm's kernels, which take any
+    shape."""
+    headdim = x.shape[-1]
+    return x.element_size() == 2 and headdim in (32, 64) and dstate <= 128 and chunk in (32, 64, 128)
 
 
 @triton.jit
@@ -187,24 +193,23 @@ def chunk_scan_chunk_state_bwd_dx(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (written into ``dx``), the dt gradient (batch, nheads, nchunks, chunk) fp32 and D's (D's shape and
     dtype): what mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` returns. ``heads`` is capped at the heads per
-    group and must divide them."""
+    group, and lowered to one that divides them."""
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dt.shape
     ngroups, dstate = B.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups, headdim, chunk)
+    heads = _heads_per_program(heads, nheads, ngroups)
     row_blocks = triton.cdiv(chunk, block_m)
     ddt = torch.empty(batch, nheads, nchunks, chunk, device=x.device, dtype=torch.float32)
     d_columns = headdim if D.dim() == 2 else 1
     dD = torch.empty(row_blocks, batch, nchunks, nheads, d_columns, device=x.device, dtype=torch.float32)
-    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     grid = (row_blocks, batch * nchunks, nheads // heads)
     with torch.cuda.device(x.device.index):
         _dx_kernel[grid](
             x, CB, dout, dt, dA_cumsum, seq_idx, D, B, dstates,
             dx, ddt, dD,
             seqlen, batch, nheads // ngroups,
-            *x.stride(), *CB.stride(), *dout.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_strides, D.stride(0),
-            *B.stride(), *dstates.stride(), *dx.stride(), *ddt.stride(), *dD.stride()[:4],
+            *x.stride(), *CB.stride(), *dout.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_idx_strides(seq_idx),
+            D.stride(0), *B.stride(), *dstates.stride(), *dx.stride(), *ddt.stride(), *dD.stride()[:4],
             CHUNK=chunk, HEADDIM=headdim, DSTATE=max(triton.next_power_of_2(dstate), 16), dstate=dstate,
             HAS_SEQ_IDX=seq_idx is not None, D_HAS_HDIM=D.dim() == 2,
             BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
@@ -318,16 +323,15 @@ def chunk_scan_fwd(
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dt.shape
     ngroups, dstate = C.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups, headdim, chunk)
+    heads = _heads_per_program(heads, nheads, ngroups)
     out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
-    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     grid = (triton.cdiv(chunk, block_m), batch * nchunks, nheads // heads)
     with torch.cuda.device(x.device.index):
         _scan_fwd_kernel[grid](
             CB, x, dt, dA_cumsum, seq_idx, C, states, D,
             out,
             seqlen, batch, nheads // ngroups,
-            *CB.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_strides, *C.stride(),
+            *CB.stride(), *x.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_idx_strides(seq_idx), *C.stride(),
             *states.stride(), D.stride(0), *out.stride(),
             CHUNK=chunk, HEADDIM=headdim, DSTATE=max(triton.next_power_of_2(dstate), 16), dstate=dstate,
             HAS_SEQ_IDX=seq_idx is not None, D_HAS_HDIM=D.dim() == 2,
@@ -336,10 +340,7 @@ def chunk_scan_fwd(
     return out
 
 
-def _heads_per_program(heads: int, nheads: int, ngroups: int, headdim: int, chunk: int) -> int:
-    """``heads`` capped at a group's heads, which it must divide (a program's heads share one group's C and B)."""
-    assert headdim == triton.next_power_of_2(headdim) and chunk == triton.next_power_of_2(chunk)
+def _heads_per_program(heads: int, nheads: int, ngroups: int) -> int:
+    """The most heads up to ``heads`` that divide a group's (a program's heads share one group's C and B)."""
     per_group = nheads // ngroups
-    heads = min(heads, per_group)
-    assert per_group % heads == 0, f"{heads} heads a program do not divide the {per_group} of a group"
-    return heads
+    return max(h for h in range(1, min(heads, per_group) + 1) if per_group % h == 0)

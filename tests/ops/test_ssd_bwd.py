@@ -242,3 +242,28 @@ def test_own_scan_forward_gives_what_mamba_ssm_scan_forward_gives(
     want, _ = upstream.scan._chunk_scan_fwd(*args, D=i.D, seq_idx=i.seq_idx)
     got = ssd_group.chunk_scan_fwd(*args, i.D, i.seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_own_kernels_take_only_the_scans_they_were_run_at():
+    """``ssd_group.launches``: 16-bit inputs of head_dim 32 or 64, d_state up to 128 and chunks of 32 to 128 steps;
+    fp32, the ModelConfig's default chunk of 256, head_dim 128 or 24, d_state 256 go to mamba_ssm's kernels (their
+    tiles would overflow shared memory, or tl.arange needs a power of two)."""
+    from hybridlm.ops import ssd_group
+
+    def x(headdim, dtype=torch.bfloat16):
+        return torch.empty(1, 4, 2, headdim, dtype=dtype)
+
+    assert ssd_group.launches(x(64), 128, 128) and ssd_group.launches(x(32), 16, 32)
+    assert not ssd_group.launches(x(64, torch.float32), 128, 128)
+    assert not ssd_group.launches(x(64), 128, 256)
+    assert not ssd_group.launches(x(128), 128, 128) and not ssd_group.launches(x(24), 128, 128)
+    assert not ssd_group.launches(x(64), 256, 128)
+
+
+@pytest.mark.parametrize("per_group, asked, want", [(32, 32, 32), (48, 32, 24), (4, 8, 4), (7, 4, 1)])
+def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
+    """A program's heads share one group's C and B: the run is the most heads up to the launch's that divide the
+    group's, so any head count launches (48 heads a group at 32 a program would leave a run straddling groups)."""
+    from hybridlm.ops import ssd_group
+
+    assert ssd_group._heads_per_program(asked, 2 * per_group, 2) == want
