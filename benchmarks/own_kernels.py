@@ -5,7 +5,7 @@ their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_
 
     python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels KERNELS] [--quick]
 
-KERNELS: a comma list of norm, loss, state, conv, scan, dx (default norm,loss).
+KERNELS: a comma list of norm, loss, state, conv, scan, dx, cb (default norm,loss).
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -51,12 +51,13 @@ def rel_err(got, want) -> float:
     )
 
 
-def report(kernel: str, variants: dict[str, Callable]) -> None:
-    """The first variant is the upstream kernel: the baseline for ratios and outputs."""
+def report(kernel: str, variants: dict[str, Callable], compared: Callable = tuple) -> None:
+    """The first variant is the upstream kernel: the baseline for ratios and outputs (``compared``: what of a
+    variant's outputs is compared, untimed)."""
     baseline_ms, baseline_out = None, None
     for name, fn in variants.items():
         try:
-            out = fn()
+            out = compared(fn())
             ms = kernel_ms(fn)
         except Exception as e:  # one launch shape failing (out of resources, say) must not hide the others
             print(f"{kernel:6s} {name:34s} failed: {type(e).__name__}: {str(e)[:120]}")
@@ -215,7 +216,8 @@ def ssd_variants(
 ) -> dict[str, Callable]:  # fmt: skip
     """``ops/ssd_group.py``'s kernels as ``ops/conv_ssd.py`` calls them, against mamba_ssm's through the launches
     the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (rows, heads per program, warps,
-    stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient. x, B, C and dx slices of the
+    stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient; "cb", C·Bᵀ's gradient with the
+    in-chunk decays' (mamba_ssm's two kernels as the mixer launched them). x, B, C and dx slices of the
     conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ and the decays
     fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
     dev, bf16 = "cuda", torch.bfloat16
@@ -250,6 +252,26 @@ def ssd_variants(
             )  # fmt: skip
 
         variants = {"mamba_ssm scan fwd (wider list)": upstream}
+    elif kernel == "cb":
+
+        def upstream():
+            dcb = ssd_bwd.chunk_scan_bwd_dcb(x, dt, dA_cumsum, dy, 1, seq_idx)
+            return dcb, ssd_bwd.chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dy, CB)
+
+        def ours(block_m, heads, warps, stages):
+            return lambda: ssd_group.chunk_scan_bwd_cb_grads(
+                x, dt, dA_cumsum, dy, CB, seq_idx, block_m=block_m, heads=heads, num_warps=warps, stages=stages
+            )
+
+        variants = {"mamba_ssm dcb + ddAcs (its lists)": upstream}
+        defaults = (ssd_group.CB_BLOCK_M, ssd_group.CB_HEADS, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)
+        # 128 rows hold four (128, 128) fp32 tiles a program: 16 warps, or spills
+        shapes = [defaults] if quick else [
+            *itertools.product((64,), (16, 32), (4, 8), (2, 3)), (128, 32, 8, 2), (128, 32, 16, 2), (32, 32, 4, 2),
+        ]  # fmt: skip
+        for shape in shapes:
+            variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
+        return variants
     else:
 
         def upstream():
@@ -298,16 +320,18 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
-    for kernel in ("scan", "dx"):
+    for kernel in ("scan", "dx", "cb"):
         if kernel not in kernels:
             continue
         m = cfg.mamba
+        # the in-chunk decay gradient comes per row block: compared summed
+        compared = (lambda out: (out[0], out[1].sum(-2))) if kernel == "cb" else tuple
         for packed in (False, True):  # with documents, the defaults only
             variants = ssd_variants(
                 kernel, batch, seqlen, cfg.mamba_n_heads, m.head_dim, m.d_state, m.chunk_size, cfg.conv_channels,
                 packed, args.quick or packed,
             )  # fmt: skip
-            report(kernel + ("docs" if packed else ""), variants)
+            report(kernel + ("docs" if packed else ""), variants, compared)
 
 
 if __name__ == "__main__":

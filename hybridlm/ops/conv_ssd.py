@@ -72,6 +72,9 @@ class MixerKernels:
     own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
     own_dx: bool = True  # with own_bwd_launch, where ssd_group.launches: its x-gradient kernel, else mamba_ssm's
     own_scan_fwd: bool = True  # where ops/ssd_group.launches: its chunked-scan forward, else mamba_ssm's
+    # with own_bwd_launch, where ssd_group.launches: its one kernel for C·Bᵀ's and the in-chunk decays' gradients,
+    # else mamba_ssm's two
+    own_cb_grads: bool = True
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -246,7 +249,10 @@ class ConvSSDScan(torch.autograd.Function):
             dC_states, ddA_from_C = _chunk_scan_bwd_dC(
                 states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
             )
-        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
+        if kernels.own_bwd_launch and kernels.own_cb_grads and ssd_group.launches(x, B.shape[-1], chunk_size):
+            dCB, ddA_in_chunk = ssd_group.chunk_scan_bwd_cb_grads(x, dt_act, dA_cumsum, dy, CB, seq_idx)
+        else:
+            dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels.own_bwd_launch)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad

@@ -43,6 +43,11 @@ BLOCK_M = 128  # rows of the chunk per program (both kernels: the same launch wo
 HEADS = 32  # heads per program (of one group)
 NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
+# C·Bᵀ's gradient with the in-chunk decay gradient (a first guess until benchmarks/own_kernels.py --kernels cb)
+CB_BLOCK_M = 64
+CB_HEADS = 32
+CB_NUM_WARPS = 8
+CB_STAGES = 2
 
 
 def launches(x: torch.Tensor, dstate: int, chunk: int) -> bool:
@@ -338,6 +343,125 @@ def chunk_scan_fwd(
             BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _cb_grads_kernel(
+    X, DY, DT, DA_CS, CB, SEQ_IDX,  # DT and DA_CS (batch, nheads, nchunks, chunk)
+    DCB,  # (batch, nchunks, splits, ngroups, chunk, chunk) fp32: a split's heads' sum
+    DDA,  # (batch, nheads, nchunks, row blocks, chunk) fp32: the in-chunk decay gradient's part from a row block
+    seqlen, batch, heads_per_group,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dy_b, stride_dy_t, stride_dy_h, stride_dy_p,
+    stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
+    stride_da_b, stride_da_h, stride_da_c, stride_da_k,
+    stride_cb_b, stride_cb_c, stride_cb_g, stride_cb_i, stride_cb_j,
+    stride_seq_b, stride_seq_t,
+    stride_dcb_b, stride_dcb_c, stride_dcb_s, stride_dcb_g, stride_dcb_i, stride_dcb_j,
+    stride_dda_b, stride_dda_h, stride_dda_c, stride_dda_m, stride_dda_k,
+    CHUNK: tl.constexpr,
+    HEADDIM: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c, b = pid_bc // batch, pid_bc % batch
+    first_head = pid_run * HEADS
+    group = first_head // heads_per_group
+    split = (first_head % heads_per_group) // HEADS
+    start = c * CHUNK
+    limit = min(CHUNK, seqlen - start)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps i of the chunk (dy's)
+    cols = tl.arange(0, CHUNK)  # steps k (x's)
+    p = tl.arange(0, HEADDIM)
+    row_in = rows < limit
+    later = cols[None, :] < rows[:, None]  # k < i: the pairs whose decay spans step k + 1 to i
+
+    # shared by the run's heads: C·Bᵀ's rows (across documents it is zero: the decay terms need no document mask)
+    cb = tl.load(
+        CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + rows[:, None] * stride_cb_i
+        + cols[None, :] * stride_cb_j,
+        mask=(rows < CHUNK)[:, None],
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, CHUNK)  # fmt: skip
+    dcb = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+    dda_base = DDA + b * stride_dda_b + c * stride_dda_c + pid_m * stride_dda_m
+
+    for i in tl.range(0, HEADS, num_stages=STAGES):
+        h = first_head + i
+        decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
+        da_rows = tl.load(decays + rows * stride_da_k, mask=row_in, other=0.0).to(tl.float32)
+        da_cols = tl.load(decays + cols * stride_da_k, mask=cols < limit, other=0.0).to(tl.float32)
+        dt_cols = tl.load(DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + cols * stride_dt_k).to(tl.float32)
+        dy_rows = _tile(DY + b * stride_dy_b + start * stride_dy_t + h * stride_dy_h, rows, p, stride_dy_t,
+                        stride_dy_p, limit, HEADDIM)  # fmt: skip
+        x_cols = _tile(X + b * stride_x_b + start * stride_x_t + h * stride_x_h, cols, p, stride_x_t, stride_x_p,
+                       limit, HEADDIM)  # fmt: skip
+        # the head's term of d(C_i · B_k): dy_i · x_k dt_k exp(A_i − A_k)
+        term = tl.dot(dy_rows, tl.trans(x_cols)) * dt_cols[None, :]
+        term *= tl.exp(tl.minimum(da_rows[:, None] - da_cols[None, :], 0.0))
+        dcb += term
+        # the decay gradient at step t sums term · C·Bᵀ over the pairs k < t ≤ i: per row the sum over k < t
+        # (a cumulative sum), then over the rows i ≥ t; stored at t = k + 1, nothing at step 0
+        spans = tl.cumsum(tl.where(later, term * cb, 0.0), axis=1)
+        dda = tl.sum(tl.where(later, spans, 0.0), axis=0)
+        dda_head = dda_base + h * stride_dda_h
+        tl.store(dda_head + (cols + 1) * stride_dda_k, dda, mask=cols < CHUNK - 1)
+        tl.store(dda_head, 0.0)
+
+    keep = cols[None, :] <= rows[:, None]
+    if HAS_SEQ_IDX:  # C_i · B_k only within a document
+        seq = SEQ_IDX + b * stride_seq_b + start * stride_seq_t
+        seq_rows = tl.load(seq + rows * stride_seq_t, mask=row_in, other=-1)
+        seq_cols = tl.load(seq + cols * stride_seq_t, mask=cols < limit, other=-2)
+        keep &= seq_rows[:, None] == seq_cols[None, :]
+    tl.store(
+        DCB + b * stride_dcb_b + c * stride_dcb_c + split * stride_dcb_s + group * stride_dcb_g
+        + rows[:, None] * stride_dcb_i + cols[None, :] * stride_dcb_j,
+        tl.where(keep, dcb, 0.0),
+        mask=(rows < CHUNK)[:, None],
+    )  # fmt: skip
+
+
+def chunk_scan_bwd_cb_grads(
+    x: torch.Tensor,  # (batch, seqlen, nheads, headdim)
+    dt: torch.Tensor,  # (batch, nheads, nchunks, chunk), after softplus
+    dA_cumsum: torch.Tensor,  # like dt
+    dout: torch.Tensor,  # like x
+    CB: torch.Tensor,  # (batch, nchunks, ngroups, chunk, chunk), zero across documents
+    seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
+    block_m: int = CB_BLOCK_M,
+    heads: int = CB_HEADS,
+    num_warps: int = CB_NUM_WARPS,
+    stages: int = CB_STAGES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C·Bᵀ's gradient (batch, nchunks, ngroups, chunk, chunk) fp32 and the in-chunk decay gradient as partial
+    sums per row block (batch, nheads, nchunks, row blocks, chunk) fp32: what mamba_ssm's ``_chunk_scan_bwd_dcb``
+    and ``_chunk_scan_bwd_ddAcs_stable`` (before its sum over row blocks) return, from one pass over dy · xᵀ.
+    ``heads`` as in ``chunk_scan_chunk_state_bwd_dx``; with fewer than a group's, the splits are summed."""
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk = dt.shape
+    ngroups = CB.shape[2]
+    heads = _heads_per_program(heads, nheads, ngroups)
+    splits = nheads // ngroups // heads
+    row_blocks = triton.cdiv(chunk, block_m)
+    dcb = torch.empty(batch, nchunks, splits, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
+    dda = torch.empty(batch, nheads, nchunks, row_blocks, chunk, device=x.device, dtype=torch.float32)
+    grid = (row_blocks, batch * nchunks, nheads // heads)
+    with torch.cuda.device(x.device.index):
+        _cb_grads_kernel[grid](
+            x, dout, dt, dA_cumsum, CB, seq_idx,
+            dcb, dda,
+            seqlen, batch, nheads // ngroups,
+            *x.stride(), *dout.stride(), *dt.stride(), *dA_cumsum.stride(), *CB.stride(), *seq_idx_strides(seq_idx),
+            *dcb.stride(), *dda.stride(),
+            CHUNK=chunk, HEADDIM=headdim, HAS_SEQ_IDX=seq_idx is not None,
+            BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
+        )  # fmt: skip
+    return (dcb[:, :, 0] if splits == 1 else dcb.sum(2)), dda
 
 
 def _heads_per_program(heads: int, nheads: int, ngroups: int) -> int:

@@ -421,7 +421,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
     hybridlm's conv backward against causal_conv1d's, with documents; ``"own_dx"``, hybridlm's x-gradient kernel
-    against mamba_ssm's; ``"own_scan_fwd"``, its chunked-scan forward against mamba_ssm's) instead of the
+    against mamba_ssm's; ``"own_scan_fwd"``, its chunked-scan forward against mamba_ssm's; ``"own_cb_grads"``, its
+    kernel for C·Bᵀ's and the in-chunk decays' gradients against mamba_ssm's two) instead of the
     reference ops. ``seqlen``: at 9216 (72 chunks) mamba_ssm's backward kernels put a group's four heads in one
     program on a 132-SM GPU (one split: the wrappers' view instead of a sum), at 512 in four. ``fused``: the op
     held to the reference, ``conv_ssd_scan_fused`` unless given (mamba_ssm's combined op, to tell its kernels'
@@ -562,6 +563,8 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[vs upstream dx]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_dx"),
     "conv_ssd_scan[seq_idx,vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_scan_fwd"),
     "conv_ssd_scan[vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_scan_fwd"),
+    "conv_ssd_scan[seq_idx,vs upstream cb grads]": lambda dt: case_conv_ssd_scan(dt, baseline="own_cb_grads"),
+    "conv_ssd_scan[vs upstream cb grads]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_cb_grads"),
     "swiglu": case_swiglu,
     "linears": case_linears,
     "linears[autocast]": lambda dt: case_linears(dt, autocast=True),
@@ -588,7 +591,7 @@ def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
     if name == "linears[autocast]" and dtype == FP32:
         return "autocast computes in bf16: the bf16 case covers it"
-    if name.endswith(("upstream dx]", "upstream scan fwd]")) and dtype == FP32:
+    if name.endswith(("upstream dx]", "upstream scan fwd]", "upstream cb grads]")) and dtype == FP32:
         return "fp32 inputs take mamba_ssm's kernels (ssd_group's launch shapes fit shared memory in 16-bit only)"
     if name.startswith("flash"):
         if not FLASH:

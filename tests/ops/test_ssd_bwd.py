@@ -267,3 +267,27 @@ def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
     from hybridlm.ops import ssd_group
 
     assert ssd_group._heads_per_program(asked, 2 * per_group, 2) == want
+
+
+@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
+@pytest.mark.parametrize("heads", [1, 2], ids=["two splits of a group's heads", "one split"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
+def test_own_cb_grads_kernel_gives_what_mamba_ssm_two_kernels_give(upstream, nan_empty, packed, heads, rows):
+    """``ops/ssd_group.py``'s one kernel for C·Bᵀ's gradient and the in-chunk decay gradient against mamba_ssm's
+    ``_chunk_scan_bwd_dcb`` and ``_chunk_scan_bwd_ddAcs_stable``: the same products, summed in another order. The
+    decay gradient comes per row block (the mixer's ``decay_grad`` sums them), its step 0 zero; C·Bᵀ's gradient is
+    zero above the diagonal and, with documents, between steps of different documents."""
+    from hybridlm.ops import ssd_group
+
+    i = scan_inputs(False, packed)
+    want_dcb = upstream.scan._chunk_scan_bwd_dcb(i.x, i.dt, i.dA_cumsum, i.dy, seq_idx=i.seq_idx, ngroups=2)
+    want_dda = upstream.scan._chunk_scan_bwd_ddAcs_stable(i.x, i.dt, i.dA_cumsum, i.dy, i.CB)
+    dcb, dda = ssd_group.chunk_scan_bwd_cb_grads(
+        i.x, i.dt, i.dA_cumsum, i.dy, i.CB, i.seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2
+    )
+    assert dcb.shape == want_dcb.shape and dda.shape == (*want_dda.shape[:3], 32 // rows, 32)
+    torch.testing.assert_close(dcb, want_dcb, rtol=1e-5, atol=1e-5 * want_dcb.abs().max().item())
+    torch.testing.assert_close(dda.sum(-2), want_dda, rtol=1e-5, atol=1e-5 * want_dda.abs().max().item())
+    assert not dda[..., 0].any() and not dcb.triu(1).any()
+    if packed:  # row 0's documents meet at step 45: chunk 1's steps 13 on against its earlier ones
+        assert not dcb[0, 1, :, 13:, :13].any() and dcb[0, 1, :, 13:, 13:].any()
