@@ -356,13 +356,11 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and (dx or fwd) or model_fused_matches_reference and 2- or captured_step and 2" ;;
     cbcheck)  # ssd_group's C·Bᵀ-gradient kernel: its launch sweep against mamba_ssm's two kernels at 1x32768, the
-      # other two kernels' defaults (after 174c24f's gating), the mixer against mamba_ssm's kernels (bf16), the
-      # Mamba-2 models, the captured steps
+      # mixer against mamba_ssm's kernels (bf16), the Mamba-2 models, the captured steps
       run cb-sweep 200 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb
-      run group-quick 100 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx --quick
       run cb-check 420 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "conv_ssd_scan and (dx or fwd or cb) or model_fused_matches_reference and 2- or captured_step and 2" ;;
+        -k "conv_ssd_scan and upstream and cb or model_fused_matches_reference and 2-bf16 or captured_step and 2" ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \

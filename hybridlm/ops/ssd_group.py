@@ -44,9 +44,9 @@ HEADS = 32  # heads per program (of one group)
 NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
 # C·Bᵀ's gradient with the in-chunk decay gradient (a first guess until benchmarks/own_kernels.py --kernels cb)
-CB_BLOCK_M = 64
+CB_BLOCK_M = 32
 CB_HEADS = 32
-CB_NUM_WARPS = 8
+CB_NUM_WARPS = 4
 CB_STAGES = 2
 
 
@@ -374,19 +374,22 @@ def _cb_grads_kernel(
     start = c * CHUNK
     limit = min(CHUNK, seqlen - start)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps i of the chunk (dy's)
+    first_row = pid_m * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)  # steps i of the chunk (dy's)
     cols = tl.arange(0, CHUNK)  # steps k (x's)
     p = tl.arange(0, HEADDIM)
     row_in = rows < limit
     later = cols[None, :] < rows[:, None]  # k < i: the pairs whose decay spans step k + 1 to i
+    diag_later = rows[None, :] < rows[:, None]  # the same within the rows' own steps
 
-    # shared by the run's heads: C·Bᵀ's rows (across documents it is zero: the decay terms need no document mask)
-    cb = tl.load(
-        CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g + rows[:, None] * stride_cb_i
-        + cols[None, :] * stride_cb_j,
-        mask=(rows < CHUNK)[:, None],
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_M, CHUNK)  # fmt: skip
+    # shared by the run's heads: C·Bᵀ's rows, all columns and the rows' own (across documents C·Bᵀ is zero: the
+    # decay terms need no document mask)
+    cb_base = CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g
+    row_ok = (rows < CHUNK)[:, None]
+    cb = tl.load(cb_base + rows[:, None] * stride_cb_i + cols[None, :] * stride_cb_j, mask=row_ok, other=0.0)
+    cb = cb.to(tl.float32)  # (BLOCK_M, CHUNK)
+    cb_diag = tl.load(cb_base + rows[:, None] * stride_cb_i + rows[None, :] * stride_cb_j, mask=row_ok, other=0.0)
+    cb_diag = cb_diag.to(tl.float32)  # (BLOCK_M, BLOCK_M)
     dcb = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
     dda_base = DDA + b * stride_dda_b + c * stride_dda_c + pid_m * stride_dda_m
 
@@ -395,22 +398,34 @@ def _cb_grads_kernel(
         decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
         da_rows = tl.load(decays + rows * stride_da_k, mask=row_in, other=0.0).to(tl.float32)
         da_cols = tl.load(decays + cols * stride_da_k, mask=cols < limit, other=0.0).to(tl.float32)
-        dt_cols = tl.load(DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + cols * stride_dt_k).to(tl.float32)
+        dts = DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c
+        dt_cols = tl.load(dts + cols * stride_dt_k).to(tl.float32)
+        dt_rows = tl.load(dts + rows * stride_dt_k, mask=rows < CHUNK, other=0.0).to(tl.float32)
+        x_base = X + b * stride_x_b + start * stride_x_t + h * stride_x_h
         dy_rows = _tile(DY + b * stride_dy_b + start * stride_dy_t + h * stride_dy_h, rows, p, stride_dy_t,
                         stride_dy_p, limit, HEADDIM)  # fmt: skip
-        x_cols = _tile(X + b * stride_x_b + start * stride_x_t + h * stride_x_h, cols, p, stride_x_t, stride_x_p,
-                       limit, HEADDIM)  # fmt: skip
+        x_cols = _tile(x_base, cols, p, stride_x_t, stride_x_p, limit, HEADDIM)
+        x_rows = _tile(x_base, rows, p, stride_x_t, stride_x_p, limit, HEADDIM)
         # the head's term of d(C_i · B_k): dy_i · x_k dt_k exp(A_i − A_k)
         term = tl.dot(dy_rows, tl.trans(x_cols)) * dt_cols[None, :]
         term *= tl.exp(tl.minimum(da_rows[:, None] - da_cols[None, :], 0.0))
         dcb += term
-        # the decay gradient at step t sums term · C·Bᵀ over the pairs k < t ≤ i: per row the sum over k < t
-        # (a cumulative sum), then over the rows i ≥ t; stored at t = k + 1, nothing at step 0
-        spans = tl.cumsum(tl.where(later, term * cb, 0.0), axis=1)
-        dda = tl.sum(tl.where(later, spans, 0.0), axis=0)
+        # The decay gradient at step t sums g = term · C·Bᵀ over the pairs k < t ≤ i. For t up to the rows' first
+        # step every row has i ≥ t: the sum over k < t of the column sums. For t among the rows' steps it is, per
+        # row i ≥ t, the row's sum over the columns before the rows' steps plus a cumulative sum over the rows' own
+        # steps below t (the one (BLOCK_M, BLOCK_M) block that needs a cumulative sum per row, as upstream's).
+        g = tl.where(later, term * cb, 0.0)
+        col_sums = tl.sum(g, axis=0)
+        upto_first = tl.cumsum(col_sums, axis=0) - col_sums  # (CHUNK,): Σ over k < t, for t ≤ first_row
+        before_rows = tl.sum(tl.where(cols[None, :] < first_row, g, 0.0), axis=1)  # (BLOCK_M,)
+        term_diag = tl.dot(dy_rows, tl.trans(x_rows)) * dt_rows[None, :]
+        term_diag *= tl.exp(tl.minimum(da_rows[:, None] - da_rows[None, :], 0.0))
+        spans = before_rows[:, None] + tl.cumsum(tl.where(diag_later, term_diag * cb_diag, 0.0), axis=1)
+        in_rows = tl.sum(tl.where(diag_later, spans, 0.0), axis=0)  # (BLOCK_M,): at t = k + 1 for the rows' k
         dda_head = dda_base + h * stride_dda_h
-        tl.store(dda_head + (cols + 1) * stride_dda_k, dda, mask=cols < CHUNK - 1)
-        tl.store(dda_head, 0.0)
+        outside = (cols <= first_row) | (cols >= first_row + BLOCK_M)  # after the rows' steps: zero
+        tl.store(dda_head + cols * stride_dda_k, tl.where(cols <= first_row, upto_first, 0.0), mask=outside)
+        tl.store(dda_head + (rows + 1) * stride_dda_k, in_rows, mask=rows < first_row + BLOCK_M - 1)
 
     keep = cols[None, :] <= rows[:, None]
     if HAS_SEQ_IDX:  # C_i · B_k only within a document
