@@ -265,7 +265,9 @@ def ssd_variants(
 
         variants = {"mamba_ssm dcb + ddAcs (its lists)": upstream}
         defaults = (ssd_group.CB_BLOCK_M, ssd_group.CB_HEADS, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)
-        shapes = [defaults] if quick else [*itertools.product((32, 64), (32,), (4, 8), (2, 3)), (16, 32, 4, 2)]
+        shapes = [defaults] if quick else [
+            *itertools.product((32, 64), (32,), (4, 8), (2, 3)), (16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 2, 2),
+        ]  # fmt: skip
         for shape in shapes:
             variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
         return variants

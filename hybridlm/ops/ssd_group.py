@@ -373,72 +373,101 @@ def _cb_grads_kernel(
     split = (first_head % heads_per_group) // HEADS
     start = c * CHUNK
     limit = min(CHUNK, seqlen - start)
+    x = X + b * stride_x_b + start * stride_x_t + first_head * stride_x_h
+    dy = DY + b * stride_dy_b + start * stride_dy_t + first_head * stride_dy_h
+    dt = DT + b * stride_dt_b + first_head * stride_dt_h + c * stride_dt_c
+    da = DA_CS + b * stride_da_b + first_head * stride_da_h + c * stride_da_c
+    cb = CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g
+    seq = SEQ_IDX
+    if HAS_SEQ_IDX:
+        seq += b * stride_seq_b + start * stride_seq_t
+    dcb = DCB + b * stride_dcb_b + c * stride_dcb_c + split * stride_dcb_s + group * stride_dcb_g
+    dda = DDA + b * stride_dda_b + first_head * stride_dda_h + c * stride_dda_c + pid_m * stride_dda_m
+    # causal: rows i take columns k ≤ i only, so the rows' block takes the fewest columns (a power of two) that
+    # reach its last row; each width is its own compiled body
+    last_row = (pid_m + 1) * BLOCK_M
+    if CHUNK // 4 >= BLOCK_M and CHUNK // 4 >= 16 and last_row <= CHUNK // 4:
+        _cb_grads_rows(
+            x, dy, dt, da, cb, seq, dcb, dda, pid_m, limit,
+            stride_x_t, stride_x_h, stride_x_p, stride_dy_t, stride_dy_h, stride_dy_p, stride_dt_h, stride_dt_k,
+            stride_da_h, stride_da_k, stride_cb_i, stride_cb_j, stride_seq_t, stride_dcb_i, stride_dcb_j,
+            stride_dda_h, stride_dda_k,
+            CHUNK, CHUNK // 4, HEADDIM, HAS_SEQ_IDX, BLOCK_M, HEADS, STAGES,
+        )  # fmt: skip
+    elif CHUNK // 2 >= BLOCK_M and CHUNK // 2 >= 16 and last_row <= CHUNK // 2:
+        _cb_grads_rows(
+            x, dy, dt, da, cb, seq, dcb, dda, pid_m, limit,
+            stride_x_t, stride_x_h, stride_x_p, stride_dy_t, stride_dy_h, stride_dy_p, stride_dt_h, stride_dt_k,
+            stride_da_h, stride_da_k, stride_cb_i, stride_cb_j, stride_seq_t, stride_dcb_i, stride_dcb_j,
+            stride_dda_h, stride_dda_k,
+            CHUNK, CHUNK // 2, HEADDIM, HAS_SEQ_IDX, BLOCK_M, HEADS, STAGES,
+        )  # fmt: skip
+    else:
+        _cb_grads_rows(
+            x, dy, dt, da, cb, seq, dcb, dda, pid_m, limit,
+            stride_x_t, stride_x_h, stride_x_p, stride_dy_t, stride_dy_h, stride_dy_p, stride_dt_h, stride_dt_k,
+            stride_da_h, stride_da_k, stride_cb_i, stride_cb_j, stride_seq_t, stride_dcb_i, stride_dcb_j,
+            stride_dda_h, stride_dda_k,
+            CHUNK, CHUNK, HEADDIM, HAS_SEQ_IDX, BLOCK_M, HEADS, STAGES,
+        )  # fmt: skip
 
-    first_row = pid_m * BLOCK_M
-    rows = first_row + tl.arange(0, BLOCK_M)  # steps i of the chunk (dy's)
-    cols = tl.arange(0, CHUNK)  # steps k (x's)
+
+@triton.jit
+def _cb_grads_rows(
+    X, DY, DT, DA, CB, SEQ, DCB, DDA,  # at the chunk (its first step) and the run's first head; CB and DCB: group
+    pid_m, limit,
+    stride_x_t, stride_x_h, stride_x_p, stride_dy_t, stride_dy_h, stride_dy_p, stride_dt_h, stride_dt_k,
+    stride_da_h, stride_da_k, stride_cb_i, stride_cb_j, stride_seq_t, stride_dcb_i, stride_dcb_j,
+    stride_dda_h, stride_dda_k,
+    CHUNK: tl.constexpr,
+    COLS: tl.constexpr,  # the chunk's first COLS steps: every column the rows take
+    HEADDIM: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps i of the chunk (dy's)
+    cols = tl.arange(0, COLS)  # steps k (x's)
     p = tl.arange(0, HEADDIM)
     row_in = rows < limit
     later = cols[None, :] < rows[:, None]  # k < i: the pairs whose decay spans step k + 1 to i
-    diag_later = rows[None, :] < rows[:, None]  # the same within the rows' own steps
 
-    # shared by the run's heads: C·Bᵀ's rows, all columns and the rows' own (across documents C·Bᵀ is zero: the
-    # decay terms need no document mask)
-    cb_base = CB + b * stride_cb_b + c * stride_cb_c + group * stride_cb_g
-    row_ok = (rows < CHUNK)[:, None]
-    cb = tl.load(cb_base + rows[:, None] * stride_cb_i + cols[None, :] * stride_cb_j, mask=row_ok, other=0.0)
-    cb = cb.to(tl.float32)  # (BLOCK_M, CHUNK)
-    cb_diag = tl.load(cb_base + rows[:, None] * stride_cb_i + rows[None, :] * stride_cb_j, mask=row_ok, other=0.0)
-    cb_diag = cb_diag.to(tl.float32)  # (BLOCK_M, BLOCK_M)
-    dcb = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
-    dda_base = DDA + b * stride_dda_b + c * stride_dda_c + pid_m * stride_dda_m
+    # shared by the run's heads: C·Bᵀ's rows (across documents it is zero: the decay terms need no document mask)
+    cb = tl.load(CB + rows[:, None] * stride_cb_i + cols[None, :] * stride_cb_j).to(tl.float32)  # (BLOCK_M, COLS)
+    dcb = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)
 
     for i in tl.range(0, HEADS, num_stages=STAGES):
-        h = first_head + i
-        decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
-        da_rows = tl.load(decays + rows * stride_da_k, mask=row_in, other=0.0).to(tl.float32)
-        da_cols = tl.load(decays + cols * stride_da_k, mask=cols < limit, other=0.0).to(tl.float32)
-        dts = DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c
-        dt_cols = tl.load(dts + cols * stride_dt_k).to(tl.float32)
-        dt_rows = tl.load(dts + rows * stride_dt_k, mask=rows < CHUNK, other=0.0).to(tl.float32)
-        x_base = X + b * stride_x_b + start * stride_x_t + h * stride_x_h
-        dy_rows = _tile(DY + b * stride_dy_b + start * stride_dy_t + h * stride_dy_h, rows, p, stride_dy_t,
-                        stride_dy_p, limit, HEADDIM)  # fmt: skip
-        x_cols = _tile(x_base, cols, p, stride_x_t, stride_x_p, limit, HEADDIM)
-        x_rows = _tile(x_base, rows, p, stride_x_t, stride_x_p, limit, HEADDIM)
+        da_rows = tl.load(DA + i * stride_da_h + rows * stride_da_k, mask=row_in, other=0.0).to(tl.float32)
+        da_cols = tl.load(DA + i * stride_da_h + cols * stride_da_k, mask=cols < limit, other=0.0).to(tl.float32)
+        dt_cols = tl.load(DT + i * stride_dt_h + cols * stride_dt_k).to(tl.float32)
+        dy_rows = _tile(DY + i * stride_dy_h, rows, p, stride_dy_t, stride_dy_p, limit, HEADDIM)
+        x_cols = _tile(X + i * stride_x_h, cols, p, stride_x_t, stride_x_p, limit, HEADDIM)
         # the head's term of d(C_i · B_k): dy_i · x_k dt_k exp(A_i − A_k)
         term = tl.dot(dy_rows, tl.trans(x_cols)) * dt_cols[None, :]
         term *= tl.exp(tl.minimum(da_rows[:, None] - da_cols[None, :], 0.0))
         dcb += term
-        # The decay gradient at step t sums g = term · C·Bᵀ over the pairs k < t ≤ i. For t up to the rows' first
-        # step every row has i ≥ t: the sum over k < t of the column sums. For t among the rows' steps it is, per
-        # row i ≥ t, the row's sum over the columns before the rows' steps plus a cumulative sum over the rows' own
-        # steps below t (the one (BLOCK_M, BLOCK_M) block that needs a cumulative sum per row, as upstream's).
-        g = tl.where(later, term * cb, 0.0)
-        col_sums = tl.sum(g, axis=0)
-        upto_first = tl.cumsum(col_sums, axis=0) - col_sums  # (CHUNK,): Σ over k < t, for t ≤ first_row
-        before_rows = tl.sum(tl.where(cols[None, :] < first_row, g, 0.0), axis=1)  # (BLOCK_M,)
-        term_diag = tl.dot(dy_rows, tl.trans(x_rows)) * dt_rows[None, :]
-        term_diag *= tl.exp(tl.minimum(da_rows[:, None] - da_rows[None, :], 0.0))
-        spans = before_rows[:, None] + tl.cumsum(tl.where(diag_later, term_diag * cb_diag, 0.0), axis=1)
-        in_rows = tl.sum(tl.where(diag_later, spans, 0.0), axis=0)  # (BLOCK_M,): at t = k + 1 for the rows' k
-        dda_head = dda_base + h * stride_dda_h
-        outside = (cols <= first_row) | (cols >= first_row + BLOCK_M)  # after the rows' steps: zero
-        tl.store(dda_head + cols * stride_dda_k, tl.where(cols <= first_row, upto_first, 0.0), mask=outside)
-        tl.store(dda_head + (rows + 1) * stride_dda_k, in_rows, mask=rows < first_row + BLOCK_M - 1)
+        # the decay gradient at step t sums term · C·Bᵀ over the pairs k < t ≤ i: per row the sum over k < t
+        # (a cumulative sum), then over the rows i ≥ t; stored at t = k + 1 (zero at step 0 and past the columns)
+        spans = tl.cumsum(tl.where(later, term * cb, 0.0), axis=1)
+        dda = DDA + i * stride_dda_h
+        tl.store(dda + (cols + 1) * stride_dda_k, tl.sum(tl.where(later, spans, 0.0), axis=0), mask=cols < CHUNK - 1)
+        tl.store(dda, 0.0)
+        if COLS < CHUNK:
+            rest = COLS + 1 + tl.arange(0, CHUNK)
+            tl.store(dda + rest * stride_dda_k, tl.zeros((CHUNK,), dtype=tl.float32), mask=rest < CHUNK)
 
     keep = cols[None, :] <= rows[:, None]
     if HAS_SEQ_IDX:  # C_i · B_k only within a document
-        seq = SEQ_IDX + b * stride_seq_b + start * stride_seq_t
-        seq_rows = tl.load(seq + rows * stride_seq_t, mask=row_in, other=-1)
-        seq_cols = tl.load(seq + cols * stride_seq_t, mask=cols < limit, other=-2)
+        seq_rows = tl.load(SEQ + rows * stride_seq_t, mask=row_in, other=-1)
+        seq_cols = tl.load(SEQ + cols * stride_seq_t, mask=cols < limit, other=-2)
         keep &= seq_rows[:, None] == seq_cols[None, :]
-    tl.store(
-        DCB + b * stride_dcb_b + c * stride_dcb_c + split * stride_dcb_s + group * stride_dcb_g
-        + rows[:, None] * stride_dcb_i + cols[None, :] * stride_dcb_j,
-        tl.where(keep, dcb, 0.0),
-        mask=(rows < CHUNK)[:, None],
-    )  # fmt: skip
+    dcb_rows = DCB + rows[:, None] * stride_dcb_i
+    tl.store(dcb_rows + cols[None, :] * stride_dcb_j, tl.where(keep, dcb, 0.0))
+    if COLS < CHUNK:  # above the diagonal
+        rest = COLS + tl.arange(0, CHUNK)
+        zeros = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+        tl.store(dcb_rows + rest[None, :] * stride_dcb_j, zeros, mask=(rest < CHUNK)[None, :])
 
 
 def chunk_scan_bwd_cb_grads(
@@ -462,7 +491,8 @@ def chunk_scan_bwd_cb_grads(
     ngroups = CB.shape[2]
     heads = _heads_per_program(heads, nheads, ngroups)
     splits = nheads // ngroups // heads
-    row_blocks = triton.cdiv(chunk, block_m)
+    block_m = min(block_m, chunk)
+    row_blocks = chunk // block_m
     dcb = torch.empty(batch, nchunks, splits, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
     dda = torch.empty(batch, nheads, nchunks, row_blocks, chunk, device=x.device, dtype=torch.float32)
     grid = (row_blocks, batch * nchunks, nheads // heads)

@@ -174,12 +174,12 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
             assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
 
 
-def scan_inputs(D_per_column: bool, packed: bool) -> types.SimpleNamespace:
+def scan_inputs(D_per_column: bool, packed: bool, chunk: int = 32) -> types.SimpleNamespace:
     """fp32 inputs of the chunked scan's kernels: two groups of two heads, two rows of 88 steps in chunks of 32 (the
-    last cut short by the sequence's end); ``packed``: a document boundary inside a chunk and one on a chunk's first
-    step. ``states`` serves as the states entering each chunk or as the gradient of those leaving it."""
+    last cut short by the sequence's end), or of ``chunk``; ``packed``: a document boundary inside a chunk and one
+    on step 64. ``states`` serves as the states entering each chunk or as the gradient of those leaving it."""
     torch.manual_seed(0)
-    batch, seqlen, nheads, headdim, ngroups, dstate, chunk = 2, 88, 4, 16, 2, 16, 32
+    batch, seqlen, nheads, headdim, ngroups, dstate = 2, 88, 4, 16, 2, 16
     nchunks = -(-seqlen // chunk)
     dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
     dt[:, :, -1, seqlen % chunk :] = 0  # past the sequence's end, as the chunked cumsum leaves them
@@ -269,25 +269,31 @@ def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
     assert ssd_group._heads_per_program(asked, 2 * per_group, 2) == want
 
 
-@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
+@pytest.mark.parametrize(
+    "rows,chunk",
+    [(32, 32), (16, 32), (16, 64)],
+    ids=["one row block a chunk", "two row blocks (16 and 32 columns)", "four row blocks (16, 32, 64, 64 columns)"],
+)
 @pytest.mark.parametrize("heads", [1, 2], ids=["two splits of a group's heads", "one split"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
-def test_own_cb_grads_kernel_gives_what_mamba_ssm_two_kernels_give(upstream, nan_empty, packed, heads, rows):
+def test_own_cb_grads_kernel_gives_what_mamba_ssm_two_kernels_give(upstream, nan_empty, packed, heads, rows, chunk):
     """``ops/ssd_group.py``'s one kernel for C·Bᵀ's gradient and the in-chunk decay gradient against mamba_ssm's
     ``_chunk_scan_bwd_dcb`` and ``_chunk_scan_bwd_ddAcs_stable``: the same products, summed in another order. The
     decay gradient comes per row block (the mixer's ``decay_grad`` sums them), its step 0 zero; C·Bᵀ's gradient is
-    zero above the diagonal and, with documents, between steps of different documents."""
+    zero above the diagonal and, with documents, between steps of different documents. A row block takes only the
+    columns up to its last row (rounded up to a power of two), and writes zeros past them."""
     from hybridlm.ops import ssd_group
 
-    i = scan_inputs(False, packed)
+    i = scan_inputs(False, packed, chunk)
     want_dcb = upstream.scan._chunk_scan_bwd_dcb(i.x, i.dt, i.dA_cumsum, i.dy, seq_idx=i.seq_idx, ngroups=2)
     want_dda = upstream.scan._chunk_scan_bwd_ddAcs_stable(i.x, i.dt, i.dA_cumsum, i.dy, i.CB)
     dcb, dda = ssd_group.chunk_scan_bwd_cb_grads(
         i.x, i.dt, i.dA_cumsum, i.dy, i.CB, i.seq_idx, block_m=rows, heads=heads, num_warps=4, stages=2
     )
-    assert dcb.shape == want_dcb.shape and dda.shape == (*want_dda.shape[:3], 32 // rows, 32)
+    assert dcb.shape == want_dcb.shape and dda.shape == (*want_dda.shape[:3], chunk // rows, chunk)
     torch.testing.assert_close(dcb, want_dcb, rtol=1e-5, atol=1e-5 * want_dcb.abs().max().item())
     torch.testing.assert_close(dda.sum(-2), want_dda, rtol=1e-5, atol=1e-5 * want_dda.abs().max().item())
     assert not dda[..., 0].any() and not dcb.triu(1).any()
-    if packed:  # row 0's documents meet at step 45: chunk 1's steps 13 on against its earlier ones
-        assert not dcb[0, 1, :, 13:, :13].any() and dcb[0, 1, :, 13:, 13:].any()
+    if packed:  # row 0's documents meet at step 45: its steps from 45 on against its earlier ones
+        first, step = divmod(45, chunk)
+        assert not dcb[0, first, :, step:, :step].any() and dcb[0, first, :, step:, step:].any()
