@@ -361,6 +361,11 @@ for phase in "${phases[@]}"; do
       run cb-check 420 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and upstream and cb or model_fused_matches_reference and 2-bf16 or captured_step and 2" ;;
+    cbbench)  # ssd_group's C·Bᵀ-gradient kernel at its default launch (with documents too), then training against
+      # the mamba_ssm hybrid at both shapes with it off and an A/A control (own_conv_bwd: no documents)
+      run cb-quick 100 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb --quick
+      run bench-cb 420 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate own_cb_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
