@@ -366,6 +366,9 @@ for phase in "${phases[@]}"; do
       run cb-quick 100 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb --quick
       run bench-cb 420 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_cb_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    prof32k)  # the graphed step's kernel table at 1x32768
+      run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
+      rm -f "$OUT"/prof*/*.json ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
