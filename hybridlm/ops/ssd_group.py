@@ -1,6 +1,8 @@
-"""Two of the SSD's chunked-scan kernels as Triton kernels whose programs walk a run of a group's heads, for the
-Mamba-2 mixer (``ops/conv_ssd.py``): the scan's forward (mamba_ssm's ``_chunk_scan_fwd_kernel``) and its x
-gradient (``_chunk_scan_chunk_state_bwd_dx_kernel``), the same arithmetic as mamba_ssm's.
+"""Three of the SSD's chunked-scan kernels as Triton kernels whose programs walk a run of a group's heads, for the
+Mamba-2 mixer (``ops/conv_ssd.py``): the scan's forward (mamba_ssm's ``_chunk_scan_fwd_kernel``), its x gradient
+(``_chunk_scan_chunk_state_bwd_dx_kernel``) and, in one kernel, C·Bᵀ's gradient and the in-chunk decay gradient
+(``_chunk_scan_bwd_dcb_kernel`` and ``_chunk_scan_bwd_ddAcs_stable_kernel``, which both multiply dy by xᵀ per
+head), the same arithmetic as mamba_ssm's.
 
 Per chunk and head, with A the cumulative log decays, S the state entering the chunk and dS the gradient of the one
 leaving it, the forward writes for each step i (over the chunk's steps k ≤ i)
@@ -20,8 +22,16 @@ of a row, so dt's gradient is stored, not added atomically, and D's is summed pe
 (deterministic). C·Bᵀ is multiplied by the head's decays (and dt) in fp32 and rounded to x's (dy's) dtype before
 its product, as upstream does.
 
+The third, per head and step t (over the pairs k < t ≤ i of the chunk, g_ik = dy_i · x_k dt_k exp(A_i − A_k))
+
+    d(C_i · B_k) = Σ_heads g_ik (k ≤ i, within a document),   dA_t = Σ_{k<t≤i} g_ik (C_i · B_k)
+
+gives a program a block of rows (i) and only the columns (k) up to its last row; the second sum, a cumulative sum
+along each row and then one over the rows, comes per row block.
+
 On CUDA the mixer calls them only where ``launches`` says their tiles fit (16-bit inputs, the shapes run on the
-GPU); under Triton's interpreter any power-of-two head_dim and chunk (``MixerKernels.own_scan_fwd`` and ``own_dx``).
+GPU); under Triton's interpreter any power-of-two head_dim and chunk (``MixerKernels.own_scan_fwd``, ``own_dx``
+and ``own_cb_grads``).
 """
 
 from __future__ import annotations
