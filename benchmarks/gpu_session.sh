@@ -369,6 +369,15 @@ for phase in "${phases[@]}"; do
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;
+    chunkstates)  # each chunk's own state in bf16: the mixer op's time and errors with it and without at 1x32768,
+      # training with it off (A/A control own_conv_bwd), then the mixer's GPU cases against the reference and fp32
+      # chunk states, the Mamba-2 models
+      run cs-op 120 python3 benchmarks/op_variants.py $CFG --shape 1x32768 --ops conv_ssd_scan \
+        --variants "kept chunk 128,kept fp32 chunk states" --each-error
+      run bench-cs 260 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate lowp_chunk_states,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl"
+      run cs-tests 190 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
+        --durations=5 -k "conv_ssd_scan and (chunk or bf16 and not upstream and not combined and not split and not states and not decay and not zeroing and not causal) or model_fused_matches_reference and 2-bf16" ;;
     dxtests)  # the mixer's GPU cases with hybridlm's x-gradient kernel (against the reference, against mamba_ssm's
       # kernel, one split), the Mamba-2 models, the captured steps
       run dx-tests 560 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \

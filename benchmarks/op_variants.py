@@ -186,6 +186,7 @@ def cases(cfg, batch: int, seq_len: int, device: torch.device) -> list[Case]:
         f"kept upstream norm bwd {m.chunk_size}": without("own_norm_bwd"),
         f"kept upstream launch {m.chunk_size}": without("tuned_launch"),
         f"kept fp32 states {m.chunk_size}": without("lowp_states"),
+        f"kept fp32 chunk states {m.chunk_size}": without("lowp_chunk_states"),
         f"kept eager decay grad {m.chunk_size}": without("compiled_decay_grad"),
         f"kept upstream state passing {m.chunk_size}": without("own_state_passing"),
         f"kept upstream bwd launch {m.chunk_size}": without("own_bwd_launch"),

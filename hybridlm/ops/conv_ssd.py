@@ -66,6 +66,9 @@ class MixerKernels:
     own_norm_bwd: bool = True  # ops/gated_norm_bwd.py, else mamba_ssm's _layer_norm_bwd
     tuned_launch: bool = True  # ops/ssd_launch.py's wider autotuning lists, else mamba_ssm's
     lowp_states: bool = True  # chunk states kept in the input's dtype, else fp32
+    # each chunk's own state (from a zero state, read once by the state passing) written in the input's dtype, else
+    # fp32; summed in fp32 either way
+    lowp_chunk_states: bool = True
     compiled_decay_grad: bool = True  # decay_grad by torch.compile, else eagerly (six kernels)
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
@@ -135,7 +138,9 @@ class ConvSSDScan(torch.autograd.Function):
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
 
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
-        chunk_states = _chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        chunk_states = _chunk_state_fwd(
+            B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=not kernels.lowp_chunk_states
+        )
         # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
         states_dtype = x.dtype if kernels.lowp_states else torch.float32
         if kernels.own_state_passing:

@@ -417,7 +417,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     against mamba_ssm's combined op (``"combined"``: the same kernels, recomputing in backward) or against
     the same op with one of hybridlm's choices switched off (a ``MixerKernels`` field: ``"own_norm_bwd"``,
     hybridlm's gated-norm backward against mamba_ssm's; ``"tuned_launch"``, the wider autotuning lists against
-    upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
+    upstream's; ``"lowp_states"``, chunk states kept in bf16 against fp32; ``"lowp_chunk_states"``, each chunk's
+    own state written in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
     hybridlm's conv backward against causal_conv1d's, with documents; ``"own_dx"``, hybridlm's x-gradient kernel
@@ -547,6 +548,10 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[seq_idx,vs upstream norm bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_norm_bwd"),
     "conv_ssd_scan[seq_idx,vs upstream launch]": lambda dt: case_conv_ssd_scan(dt, baseline="tuned_launch"),
     "conv_ssd_scan[seq_idx,vs fp32 states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_states"),
+    "conv_ssd_scan[seq_idx,vs fp32 chunk states]": lambda dt: case_conv_ssd_scan(dt, baseline="lowp_chunk_states"),
+    "conv_ssd_scan[vs fp32 chunk states]": lambda dt: case_conv_ssd_scan(
+        dt, packed=False, baseline="lowp_chunk_states"
+    ),
     "conv_ssd_scan[seq_idx,vs eager decay grad]": lambda dt: case_conv_ssd_scan(dt, baseline="compiled_decay_grad"),
     "conv_ssd_scan[seq_idx,vs upstream state passing]": lambda dt: case_conv_ssd_scan(dt, baseline="own_state_passing"),
     "conv_ssd_scan[seq_idx,vs upstream bwd launch]": lambda dt: case_conv_ssd_scan(dt, baseline="own_bwd_launch"),
@@ -591,6 +596,8 @@ def applicable(name: str, dtype: torch.dtype) -> str | None:
     """Why a case cannot run here (None = it can)."""
     if name == "linears[autocast]" and dtype == FP32:
         return "autocast computes in bf16: the bf16 case covers it"
+    if name.endswith("fp32 chunk states]") and dtype == FP32:
+        return "fp32 inputs write fp32 chunk states either way: the case would compare the path with itself"
     if name.endswith(("upstream dx]", "upstream scan fwd]", "upstream cb grads]")) and dtype == FP32:
         return "fp32 inputs take mamba_ssm's kernels (ssd_group's launch shapes fit shared memory in 16-bit only)"
     if name.startswith("flash"):
