@@ -177,7 +177,8 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
 def scan_inputs(D_per_column: bool, packed: bool, chunk: int = 32) -> types.SimpleNamespace:
     """fp32 inputs of the chunked scan's kernels: two groups of two heads, two rows of 88 steps in chunks of 32 (the
     last cut short by the sequence's end), or of ``chunk``; ``packed``: a document boundary inside a chunk and one
-    on step 64. ``states`` serves as the states entering each chunk or as the gradient of those leaving it."""
+    on a chunk's first step (64). ``states`` serves as the states entering each chunk or as the gradient of those
+    leaving it."""
     torch.manual_seed(0)
     batch, seqlen, nheads, headdim, ngroups, dstate = 2, 88, 4, 16, 2, 16
     nchunks = -(-seqlen // chunk)
