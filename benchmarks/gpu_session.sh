@@ -356,6 +356,12 @@ for phase in "${phases[@]}"; do
       run group-check 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and upstream and (dx or fwd) and not norm and not launch and not passing and not grads or model_fused_matches_reference and 2- or captured_step and 2" ;;
+    groupall)  # all three of ssd_group's kernels after a change that should not move them: default launches timed
+      # against mamba_ssm's, the mixer against mamba_ssm's kernels (bf16), a Mamba-2 model, the captured steps
+      run group-quick 120 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx,cb --quick
+      run group-check 400 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and upstream and (dx or fwd or grads) and not norm and not launch and not passing or model_fused_matches_reference and 2-bf16 or captured_step and 2" ;;
     cbcheck)  # ssd_group's C·Bᵀ-gradient kernel: its launch sweep against mamba_ssm's two kernels at 1x32768, the
       # mixer against mamba_ssm's kernels (bf16), the Mamba-2 models, the captured steps
       run cb-sweep 200 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb

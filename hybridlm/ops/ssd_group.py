@@ -75,6 +75,17 @@ def launches(x: torch.Tensor, dstate: int, chunk: int) -> bool:
 
 
 @triton.jit
+def _program_chunk(seqlen, batch, heads_per_group, CHUNK: tl.constexpr, HEADS: tl.constexpr):
+    """What a program of these kernels' grids (row blocks, batch x chunks, runs of heads) works on: its batch row,
+    chunk, run's first head and group, the chunk's first step and how many of its steps lie in the sequence."""
+    pid_bc, pid_run = tl.program_id(1), tl.program_id(2)
+    c, b = pid_bc // batch, pid_bc % batch
+    first_head = pid_run * HEADS
+    start = c * CHUNK
+    return b, c, first_head, first_head // heads_per_group, start, min(CHUNK, seqlen - start)
+
+
+@triton.jit
 def _tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
     """``ptr[rows, cols]``, zero from row ``n_rows`` and column ``n_cols`` on."""
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -116,12 +127,8 @@ def _dx_kernel(
     HEADS: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, b = pid_bc // batch, pid_bc % batch
-    first_head = pid_run * HEADS
-    group = first_head // heads_per_group
-    start = c * CHUNK  # the chunk's first step in the sequence
-    limit = min(CHUNK, seqlen - start)  # steps of this chunk inside the sequence
+    pid_m = tl.program_id(0)
+    b, c, first_head, group, start, limit = _program_chunk(seqlen, batch, heads_per_group, CHUNK, HEADS)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps j of the chunk this program writes
     cols = tl.arange(0, CHUNK)  # steps k of the chunk
@@ -261,12 +268,8 @@ def _scan_fwd_kernel(
     HEADS: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, b = pid_bc // batch, pid_bc % batch
-    first_head = pid_run * HEADS
-    group = first_head // heads_per_group
-    start = c * CHUNK
-    limit = min(CHUNK, seqlen - start)
+    pid_m = tl.program_id(0)
+    b, c, first_head, group, start, limit = _program_chunk(seqlen, batch, heads_per_group, CHUNK, HEADS)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # steps i of the chunk this program writes
     cols = tl.arange(0, CHUNK)  # steps k
@@ -380,13 +383,9 @@ def _cb_grads_kernel(
     HEADS: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bc, pid_run = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    c, b = pid_bc // batch, pid_bc % batch
-    first_head = pid_run * HEADS
-    group = first_head // heads_per_group
+    pid_m = tl.program_id(0)
+    b, c, first_head, group, start, limit = _program_chunk(seqlen, batch, heads_per_group, CHUNK, HEADS)
     split = (first_head % heads_per_group) // HEADS
-    start = c * CHUNK
-    limit = min(CHUNK, seqlen - start)
     x = X + b * stride_x_b + start * stride_x_t + first_head * stride_x_h
     dy = DY + b * stride_dy_b + start * stride_dy_t + first_head * stride_dy_h
     dt = DT + b * stride_dt_b + first_head * stride_dt_h + c * stride_dt_c
