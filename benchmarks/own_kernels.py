@@ -1,11 +1,11 @@
 """hybridlm's own Triton kernels against the kernels they replace, one call each at a config's shapes, over
 their launch shapes: the evidence for the defaults in ``hybridlm/ops/gated_norm_bwd.py``,
-``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py`` and
-``hybridlm/ops/ssd_group.py``.
+``hybridlm/ops/triton_cross_entropy.py``, ``hybridlm/ops/state_passing.py``, ``hybridlm/ops/conv_bwd.py``,
+``hybridlm/ops/ssd_group.py`` and ``hybridlm/ops/ssd_states.py``.
 
     python benchmarks/own_kernels.py configs/hybrid-500m.yaml --shape 8x4096 [--kernels KERNELS] [--quick]
 
-KERNELS: a comma list of norm, loss, state, conv, scan, dx, cb (default norm,loss).
+KERNELS: a comma list of norm, loss, state, conv, scan, dx, cb, states, stategrads (default norm,loss).
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
@@ -30,6 +30,7 @@ from hybridlm.ops import (
     ssd_bwd,
     ssd_group,
     ssd_launch,
+    ssd_states,
     state_passing,
     triton_cross_entropy,
 )
@@ -217,7 +218,10 @@ def ssd_variants(
     """``ops/ssd_group.py``'s kernels as ``ops/conv_ssd.py`` calls them, against mamba_ssm's through the launches
     the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (rows, heads per program, warps,
     stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient; "cb", C·Bᵀ's gradient with the
-    in-chunk decays' (mamba_ssm's two kernels as the mixer launched them). x, B, C and dx slices of the
+    in-chunk decays' (mamba_ssm's two kernels as the mixer launched them); ``ops/ssd_states.py``'s over (d_state
+    columns or rows, heads, warps, stages): "csfwd", each chunk's own state (bf16); "dstates", the entering states'
+    gradient; "db" and "dc", B's and C's gradients through the states (mamba_ssm's through the mixer's launches,
+    ``ops/ssd_bwd.py``). x, B, C and dx slices of the
     conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ and the decays
     fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
     dev, bf16 = "cuda", torch.bfloat16
@@ -237,6 +241,73 @@ def ssd_variants(
     seq_idx = seq_idx if packed else None
     dx = torch.empty_like(xBC)[..., :d_inner].unflatten(-1, (nheads, headdim))
 
+    if kernel in ("csfwd", "dstates"):
+        from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+        from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd
+
+        if kernel == "csfwd":
+            variants = {
+                "mamba_ssm _chunk_state_fwd": lambda: (
+                    _chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=False),
+                )
+            }
+
+            def ours(block_n, heads, warps, stages):
+                return lambda: (
+                    ssd_states.chunk_state_fwd(
+                        B, x, dt, dA_cumsum, seq_idx, bf16, block_n=block_n, heads=heads, num_warps=warps,
+                        stages=stages,
+                    ),
+                )  # fmt: skip
+        else:
+            variants = {
+                "mamba_ssm _chunk_scan_bwd_dstates": lambda: (
+                    _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=bf16),
+                )
+            }
+
+            def ours(block_n, heads, warps, stages):
+                return lambda: (
+                    ssd_states.chunk_scan_bwd_dstates(
+                        C, dA_cumsum, dy, seq_idx, bf16, block_n=block_n, heads=heads, num_warps=warps, stages=stages
+                    ),
+                )
+
+        defaults = (
+            ssd_states.STATE_BLOCK_N,
+            ssd_states.STATE_HEADS,
+            ssd_states.STATE_NUM_WARPS,
+            ssd_states.STATE_STAGES,
+        )
+        shapes = [defaults] if quick else itertools.product((64, 128), (4, 8, 32), (4, 8), (2, 3))
+        for shape in shapes:
+            variants["ours columns {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
+        return variants
+    if kernel in ("db", "dc"):
+        if kernel == "db":
+            variants = {"mamba_ssm dB (mixer's launch)": lambda: ssd_bwd.chunk_state_bwd_db(
+                x, dt, dA_cumsum, states, B, 1, seq_idx
+            )}  # fmt: skip
+
+            def ours(block_m, heads, warps, stages):
+                return lambda: ssd_states.chunk_state_bwd_db(
+                    x, dt, dA_cumsum, states, B, seq_idx, block_m=block_m, heads=heads, num_warps=warps, stages=stages
+                )
+        else:
+            variants = {"mamba_ssm dC (mixer's launch)": lambda: ssd_bwd.chunk_scan_bwd_dC(
+                states, dA_cumsum, dy, C, 1, seq_idx
+            )}  # fmt: skip
+
+            def ours(block_m, heads, warps, stages):
+                return lambda: ssd_states.chunk_scan_bwd_dC(
+                    states, dA_cumsum, dy, C, seq_idx, block_m=block_m, heads=heads, num_warps=warps, stages=stages
+                )
+
+        defaults = (ssd_states.GRAD_BLOCK_M, ssd_states.GRAD_HEADS, ssd_states.GRAD_NUM_WARPS, ssd_states.GRAD_STAGES)
+        shapes = [defaults] if quick else itertools.product((32, 64, 128), (8, 32), (4, 8), (2, 3))
+        for shape in shapes:
+            variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
+        return variants
     if kernel == "scan":
         upstream_fwd = ssd_launch.chunk_scan_fwd()
 
@@ -319,8 +390,9 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
-    for kernel in ("scan", "dx", "cb"):
-        if kernel not in kernels:
+    chosen = {"states": ("csfwd", "dstates"), "stategrads": ("db", "dc")}
+    for kernel in ("scan", "dx", "cb", "csfwd", "dstates", "db", "dc"):
+        if kernel not in kernels and not any(kernel in chosen.get(k, ()) for k in kernels):
             continue
         m = cfg.mamba
         # the in-chunk decay gradient comes per row block: compared summed

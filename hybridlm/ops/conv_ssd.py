@@ -34,7 +34,10 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   gradient are hybridlm's own Triton kernels (``ops/ssd_group.py``: mamba_ssm's arithmetic, each program walking
   a run of a group's heads with the rows of C or B and C·Bᵀ they share held, 1.10x and 1.17x faster at the 500M
   config's shapes), and so is one kernel for C·Bᵀ's gradient and the in-chunk decays' (from one dy · xᵀ a head,
-  where mamba_ssm runs two: 1.09x).
+  where mamba_ssm runs two: 1.09x);
+- with the same inputs the four chunk-state products (each chunk's own state, the entering state's gradient, and
+  B's and C's gradients through the states with their decay terms) are hybridlm's own Triton kernels
+  (``ops/ssd_states.py``: mamba_ssm's arithmetic, a program holding B's or C's rows across a run of heads).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -80,6 +83,12 @@ class MixerKernels:
     # with own_bwd_launch, where ssd_group.launches: its one kernel for C·Bᵀ's and the in-chunk decays' gradients,
     # else mamba_ssm's two
     own_cb_grads: bool = True
+    # where ssd_group.launches: ops/ssd_states.py's kernels for each chunk's own state and the entering state's
+    # gradient, else mamba_ssm's _chunk_state_fwd and _chunk_scan_bwd_dstates
+    own_states: bool = True
+    # with own_bwd_launch, where ssd_group.launches: ops/ssd_states.py's kernels for B's and C's gradients through the
+    # states, else mamba_ssm's (through ops/ssd_bwd.py's launches)
+    own_state_grads: bool = True
 
 
 _default_kernels = MixerKernels()  # what conv_ssd_scan_fused runs when not told; mixer_kernels changes it
@@ -126,7 +135,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_cumsum_fwd, _chunk_state_fwd
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_fwd
 
-        from hybridlm.ops import ssd_group, ssd_launch, state_passing
+        from hybridlm.ops import ssd_group, ssd_launch, ssd_states, state_passing
 
         chunk_scan_fwd = ssd_launch.chunk_scan_fwd() if kernels.tuned_launch else _chunk_scan_fwd
 
@@ -137,11 +146,16 @@ class ConvSSDScan(torch.autograd.Function):
             _channels_last(xBC), conv_weight, conv_bias, seq_idx, None, None, True
         ).transpose(1, 2)  # (batch, seqlen, conv_channels), contiguous
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
+        own_tiles = ssd_group.launches(x, B.shape[-1], chunk_size)
 
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
-        chunk_states = _chunk_state_fwd(
-            B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=not kernels.lowp_chunk_states
-        )
+        if kernels.own_states and own_tiles:
+            chunk_states_dtype = B.dtype if kernels.lowp_chunk_states else torch.float32
+            chunk_states = ssd_states.chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx, chunk_states_dtype)
+        else:
+            chunk_states = _chunk_state_fwd(
+                B, x, dt_act, dA_cumsum, seq_idx=seq_idx, states_in_fp32=not kernels.lowp_chunk_states
+            )
         # passed along in fp32, stored in x's dtype (the scan casts them to C's dtype as it loads them) or fp32
         states_dtype = x.dtype if kernels.lowp_states else torch.float32
         if kernels.own_state_passing:
@@ -155,7 +169,7 @@ class ConvSSDScan(torch.autograd.Function):
             )  # fmt: skip
         states = states.unflatten(-1, chunk_states.shape[-2:])
         CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
-        if kernels.own_scan_fwd and ssd_group.launches(x, B.shape[-1], chunk_size):  # y includes D x
+        if kernels.own_scan_fwd and own_tiles:  # y includes D x
             y = ssd_group.chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D, seq_idx)
         else:
             y, _ = chunk_scan_fwd(CB, x, dt_act, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
@@ -188,7 +202,7 @@ class ConvSSDScan(torch.autograd.Function):
         from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx
         from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd
 
-        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_group, ssd_launch, state_passing
+        from hybridlm.ops import conv_bwd, ssd_bwd, ssd_group, ssd_launch, ssd_states, state_passing
         from hybridlm.ops.gated_norm_bwd import gated_rms_norm_bwd
 
         (
@@ -200,6 +214,7 @@ class ConvSSDScan(torch.autograd.Function):
         nheads, d_inner = A.shape[0], norm_weight.shape[0]
         z, xBC, dt = zxbcdt.split([d_inner, conv_weight.shape[0], nheads], dim=-1)
         x, B, C = _split_xbc(xBC_conv, nheads, headdim, ngroups)
+        own_tiles = ssd_group.launches(x, B.shape[-1], chunk_size)
 
         # every input gradient is written into one buffer shaped like zxbcdt (in_proj's backward reads it whole)
         dzxbcdt = torch.empty_like(zxbcdt)
@@ -221,7 +236,10 @@ class ConvSSDScan(torch.autograd.Function):
         dy = dy.view_as(x)
 
         # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
-        dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
+        if kernels.own_states and own_tiles:
+            dstates = ssd_states.chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx, states.dtype)
+        else:
+            dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
         if kernels.own_state_passing:
             dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
                 states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx, chunk_size,
@@ -238,7 +256,7 @@ class ConvSSDScan(torch.autograd.Function):
         if kernels.own_bwd_launch:  # the decays' parts come unsummed: decay_grad sums them
             if kernels.zero_once:
                 acc = ssd_bwd.Accumulators.zeroed(x, dA_cumsum.shape[2], chunk_size, B.shape[-1], D)
-            if kernels.own_dx and ssd_group.launches(x, B.shape[-1], chunk_size):
+            if kernels.own_dx and own_tiles:
                 dx, ddt_act, dD = ssd_group.chunk_scan_chunk_state_bwd_dx(
                     x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx
                 )
@@ -246,8 +264,14 @@ class ConvSSDScan(torch.autograd.Function):
                 dx, ddt_act, dD = ssd_bwd.chunk_scan_chunk_state_bwd_dx(
                     x, dt_act, dA_cumsum, B, CB, dy, dstates, D, seq_idx, dx, widen=kernels.tuned_launch, acc=acc
                 )
-            dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc)
-            dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
+            if kernels.own_state_grads and own_tiles:
+                dB_states, ddA_from_B = ssd_states.chunk_state_bwd_db(x, dt_act, dA_cumsum, dstates, B, seq_idx)
+                dC_states, ddA_from_C = ssd_states.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, seq_idx)
+            else:
+                dB_states, ddA_from_B = ssd_bwd.chunk_state_bwd_db(
+                    x, dt_act, dA_cumsum, dstates, B, ngroups, seq_idx, acc
+                )
+                dC_states, ddA_from_C = ssd_bwd.chunk_scan_bwd_dC(states_lowp, dA_cumsum, dy, C, ngroups, seq_idx, acc)
         else:
             dx, ddt_act, dD = bwd_dx(x, dt_act, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx, dx=dx)
             dB_states, ddA_from_B = _chunk_state_bwd_db(

@@ -174,13 +174,13 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
             assert sorted(name for name, t in args.items() if not t.any()) == sorted(zeroed), kernel
 
 
-def scan_inputs(D_per_column: bool, packed: bool, chunk: int = 32) -> types.SimpleNamespace:
+def scan_inputs(D_per_column: bool, packed: bool, chunk: int = 32, dstate: int = 16) -> types.SimpleNamespace:
     """fp32 inputs of the chunked scan's kernels: two groups of two heads, two rows of 88 steps in chunks of 32 (the
     last cut short by the sequence's end), or of ``chunk``; ``packed``: a document boundary inside a chunk and one
     on a chunk's first step (64). ``states`` serves as the states entering each chunk or as the gradient of those
     leaving it."""
     torch.manual_seed(0)
-    batch, seqlen, nheads, headdim, ngroups, dstate = 2, 88, 4, 16, 2, 16
+    batch, seqlen, nheads, headdim, ngroups = 2, 88, 4, 16, 2
     nchunks = -(-seqlen // chunk)
     dt = torch.rand(batch, nheads, nchunks, chunk) * 0.5
     dt[:, :, -1, seqlen % chunk :] = 0  # past the sequence's end, as the chunked cumsum leaves them
@@ -298,3 +298,54 @@ def test_own_cb_grads_kernel_gives_what_mamba_ssm_two_kernels_give(upstream, nan
     if packed:  # row 0's documents meet at step 45: its steps from 45 on against its earlier ones
         first, step = divmod(45, chunk)
         assert not dcb[0, first, :, step:, :step].any() and dcb[0, first, :, step:, step:].any()
+
+
+@pytest.mark.parametrize("block_n", [16, 32], ids=["two programs across d_state", "one across d_state"])
+@pytest.mark.parametrize("heads", [1, 2], ids=["a head a program", "two heads a program"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
+def test_own_state_kernels_give_what_mamba_ssm_state_kernels_give(upstream, nan_empty, packed, heads, block_n):
+    """``ops/ssd_states.py``'s chunk states and entering-state gradients against mamba_ssm's ``_chunk_state_fwd``
+    and ``_chunk_scan_bwd_dstates``: the same products (fp32, so to rounding). With documents a chunk's own state
+    holds only its last step's document, and an entering state's gradient only the steps of the document that
+    continues into the chunk."""
+    from hybridlm.ops import ssd_states
+
+    i = scan_inputs(False, packed, dstate=32)
+    launch = {"block_n": block_n, "heads": heads, "num_warps": 4, "stages": 2}
+    want = upstream.state._chunk_state_fwd(i.B, i.x, i.dt, i.dA_cumsum, seq_idx=i.seq_idx)
+    states = ssd_states.chunk_state_fwd(i.B, i.x, i.dt, i.dA_cumsum, i.seq_idx, **launch)
+    torch.testing.assert_close(states, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    want = upstream.scan._chunk_scan_bwd_dstates(i.C, i.dA_cumsum, i.dy, seq_idx=i.seq_idx, dtype=torch.float32)
+    got = ssd_states.chunk_scan_bwd_dstates(i.C, i.dA_cumsum, i.dy, i.seq_idx, torch.float32, **launch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if packed:  # row 0's chunk 1 (steps 32-63) ends in the document that starts at step 45: 32-44 leave no trace
+        x = i.x.clone()
+        x[0, 32:45] = 0
+        again = ssd_states.chunk_state_fwd(i.B, x, i.dt, i.dA_cumsum, i.seq_idx, **launch)
+        assert torch.equal(again[0, 1], states[0, 1]) and states[0, 1].any()
+
+
+@pytest.mark.parametrize("rows", [16, 32], ids=["two row blocks a chunk", "one row block a chunk"])
+@pytest.mark.parametrize("heads", [1, 2], ids=["two splits of a group's heads", "one split"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one document", "packed documents"])
+def test_own_state_grad_kernels_give_what_mamba_ssm_kernels_give(upstream, nan_empty, packed, heads, rows):
+    """``ops/ssd_states.py``'s B and C gradients through the states against mamba_ssm's ``_chunk_state_bwd_db``
+    and ``_chunk_scan_bwd_dC``: the gradients summed over a group's heads, and each head's decay-gradient terms
+    (B's compared after the cumulative sum over the chunk that mamba_ssm takes; its step 0 zero)."""
+    from hybridlm.ops import ssd_states
+
+    i = scan_inputs(False, packed, dstate=32)
+    launch = {"block_m": rows, "heads": heads, "num_warps": 4, "stages": 2}
+    want_dB, want_ddA = upstream.state._chunk_state_bwd_db(
+        i.x, i.dt, i.dA_cumsum, i.states, seq_idx=i.seq_idx, B=i.B, ngroups=2
+    )
+    dB, ddA = ssd_states.chunk_state_bwd_db(i.x, i.dt, i.dA_cumsum, i.states, i.B, i.seq_idx, **launch)
+    torch.testing.assert_close(dB, want_dB, rtol=1e-5, atol=1e-5 * want_dB.abs().max().item())
+    torch.testing.assert_close(ddA.cumsum(-1), want_ddA, rtol=1e-5, atol=1e-5 * want_ddA.abs().max().item())
+    assert not ddA[..., 0].any()
+    want_dC, want_ddA = upstream.scan._chunk_scan_bwd_dC(
+        i.states, i.dA_cumsum, i.dy, seq_idx=i.seq_idx, C=i.C, ngroups=2
+    )
+    dC, ddA = ssd_states.chunk_scan_bwd_dC(i.states, i.dA_cumsum, i.dy, i.C, i.seq_idx, **launch)
+    torch.testing.assert_close(dC, want_dC, rtol=1e-5, atol=1e-5 * want_dC.abs().max().item())
+    torch.testing.assert_close(ddA, want_ddA, rtol=1e-5, atol=1e-5 * want_ddA.abs().max().item())
