@@ -26,6 +26,12 @@ track200() {  # track200 SECONDS: the first 200 steps of the 500M config, fused 
     --results "$OUT/track_reference.jsonl" --parallel
   cp /tmp/track/*.log "$OUT/" 2>/dev/null
 }
+statetests() {  # the mixer against mamba_ssm's kernels for ops/ssd_states.py's (bf16, with and without documents), a
+  # Mamba-2 model, the captured steps
+  run states-check 320 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+    tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+    -k "conv_ssd_scan and upstream and state and not passing or model_fused_matches_reference and 2-bf16 or captured_step and 2"
+}
 phases=()
 for phase in "$@"; do  # train2: training against the mamba_ssm hybrid, then HF's models (anchors, then hf)
   if [ "$phase" = train2 ]; then phases+=(anchors hf); else phases+=("$phase"); fi
@@ -373,12 +379,18 @@ for phase in "${phases[@]}"; do
       run cb-quick 100 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels cb --quick
       run bench-cb 420 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_cb_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
-    states)  # ops/ssd_states.py's four kernels: their launch sweeps against mamba_ssm's at 1x32768, the mixer against
-      # mamba_ssm's kernels (bf16, with and without documents), a Mamba-2 model, the captured steps
+    states)  # ops/ssd_states.py's kernels: their launch sweeps against mamba_ssm's at 1x32768, then statetests
       run states-sweep 250 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels states,stategrads
-      run states-check 320 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
-        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "conv_ssd_scan and upstream and state and not passing or model_fused_matches_reference and 2-bf16 or captured_step and 2" ;;
+      statetests ;;
+    statecheck)  # ops/ssd_states.py's kernels at their default launches (with documents too), statetests, then the
+      # graphed step's kernel table at 2x4096 (HF Bamba's shape: what is left once the host no longer bounds it)
+      run states-quick 120 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels states,stategrads --quick
+      statetests
+      run prof-graph-2x4096 150 python3 benchmarks/profile_step.py $CFG --graph --shape 2x4096 --top 60 --out "$OUT/prof" ;;
+    statebench)  # ops/ssd_states.py's kernels: training against the mamba_ssm hybrid at both shapes with each lever
+      # off and an A/A control (own_conv_bwd: no documents)
+      run bench-states 560 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
+        --ablate own_chunk_states,own_state_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;

@@ -219,11 +219,10 @@ def ssd_variants(
     the mixer used before (``ops/ssd_launch.py``'s wider autotuning lists), over (rows, heads per program, warps,
     stages): ``kernel`` "scan", the chunked scan's forward; "dx", its x gradient; "cb", C·Bᵀ's gradient with the
     in-chunk decays' (mamba_ssm's two kernels as the mixer launched them); ``ops/ssd_states.py``'s over (d_state
-    columns or rows, heads, warps, stages): "csfwd", each chunk's own state (bf16); "dstates", the entering states'
-    gradient; "db" and "dc", B's and C's gradients through the states (mamba_ssm's through the mixer's launches,
-    ``ops/ssd_bwd.py``). x, B, C and dx slices of the
-    conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ and the decays
-    fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
+    columns or rows, heads, warps, stages): "csfwd", each chunk's own state (bf16); "db" and "dc", B's and C's
+    gradients through the states (mamba_ssm's through the mixer's launches, ``ops/ssd_bwd.py``). x, B, C and dx
+    slices of the conv's (bf16) output and its gradient, dy and the chunk states (or their gradient) bf16, C·Bᵀ
+    and the decays fp32, one group; ``packed``: documents of 1000 tokens (``seq_idx``)."""
     dev, bf16 = "cuda", torch.bfloat16
     nchunks = -(-seqlen // chunk)
     d_inner = nheads * headdim
@@ -241,37 +240,21 @@ def ssd_variants(
     seq_idx = seq_idx if packed else None
     dx = torch.empty_like(xBC)[..., :d_inner].unflatten(-1, (nheads, headdim))
 
-    if kernel in ("csfwd", "dstates"):
-        from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+    if kernel == "csfwd":
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd
 
-        if kernel == "csfwd":
-            variants = {
-                "mamba_ssm _chunk_state_fwd": lambda: (
-                    _chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=False),
-                )
-            }
+        variants = {
+            "mamba_ssm _chunk_state_fwd": lambda: (
+                _chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=seq_idx, states_in_fp32=False),
+            )
+        }
 
-            def ours(block_n, heads, warps, stages):
-                return lambda: (
-                    ssd_states.chunk_state_fwd(
-                        B, x, dt, dA_cumsum, seq_idx, bf16, block_n=block_n, heads=heads, num_warps=warps,
-                        stages=stages,
-                    ),
-                )  # fmt: skip
-        else:
-            variants = {
-                "mamba_ssm _chunk_scan_bwd_dstates": lambda: (
-                    _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=bf16),
-                )
-            }
-
-            def ours(block_n, heads, warps, stages):
-                return lambda: (
-                    ssd_states.chunk_scan_bwd_dstates(
-                        C, dA_cumsum, dy, seq_idx, bf16, block_n=block_n, heads=heads, num_warps=warps, stages=stages
-                    ),
-                )
+        def ours(block_n, heads, warps, stages):
+            return lambda: (
+                ssd_states.chunk_state_fwd(
+                    B, x, dt, dA_cumsum, seq_idx, bf16, block_n=block_n, heads=heads, num_warps=warps, stages=stages
+                ),
+            )
 
         defaults = (
             ssd_states.STATE_BLOCK_N,
@@ -390,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         for packed in (True, False):
             kernel = "conv" if packed else "conv1"  # documents packed, one document a row
             report(kernel, conv_variants(batch, seqlen, cfg.conv_channels, width, packed, args.quick))
-    chosen = {"states": ("csfwd", "dstates"), "stategrads": ("db", "dc")}
-    for kernel in ("scan", "dx", "cb", "csfwd", "dstates", "db", "dc"):
+    chosen = {"states": ("csfwd",), "stategrads": ("db", "dc")}
+    for kernel in ("scan", "dx", "cb", "csfwd", "db", "dc"):
         if kernel not in kernels and not any(kernel in chosen.get(k, ()) for k in kernels):
             continue
         m = cfg.mamba

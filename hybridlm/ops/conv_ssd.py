@@ -35,9 +35,9 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   a run of a group's heads with the rows of C or B and C·Bᵀ they share held, 1.10x and 1.17x faster at the 500M
   config's shapes), and so is one kernel for C·Bᵀ's gradient and the in-chunk decays' (from one dy · xᵀ a head,
   where mamba_ssm runs two: 1.09x);
-- with the same inputs the four chunk-state products (each chunk's own state, the entering state's gradient, and
-  B's and C's gradients through the states with their decay terms) are hybridlm's own Triton kernels
-  (``ops/ssd_states.py``: mamba_ssm's arithmetic, a program holding B's or C's rows across a run of heads).
+- with the same inputs three chunk-state products (each chunk's own state, and B's and C's gradients through the
+  states with their decay terms) are hybridlm's own Triton kernels (``ops/ssd_states.py``: mamba_ssm's arithmetic,
+  a program holding B's or C's rows across a run of heads; 1.29x, 1.66x and 1.80x).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.
@@ -83,9 +83,8 @@ class MixerKernels:
     # with own_bwd_launch, where ssd_group.launches: its one kernel for C·Bᵀ's and the in-chunk decays' gradients,
     # else mamba_ssm's two
     own_cb_grads: bool = True
-    # where ssd_group.launches: ops/ssd_states.py's kernels for each chunk's own state and the entering state's
-    # gradient, else mamba_ssm's _chunk_state_fwd and _chunk_scan_bwd_dstates
-    own_states: bool = True
+    # where ssd_group.launches: ops/ssd_states.py's kernel for each chunk's own state, else mamba_ssm's _chunk_state_fwd
+    own_chunk_states: bool = True
     # with own_bwd_launch, where ssd_group.launches: ops/ssd_states.py's kernels for B's and C's gradients through the
     # states, else mamba_ssm's (through ops/ssd_bwd.py's launches)
     own_state_grads: bool = True
@@ -149,7 +148,7 @@ class ConvSSDScan(torch.autograd.Function):
         own_tiles = ssd_group.launches(x, B.shape[-1], chunk_size)
 
         dA_cumsum, dt_act = _chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
-        if kernels.own_states and own_tiles:
+        if kernels.own_chunk_states and own_tiles:
             chunk_states_dtype = B.dtype if kernels.lowp_chunk_states else torch.float32
             chunk_states = ssd_states.chunk_state_fwd(B, x, dt_act, dA_cumsum, seq_idx, chunk_states_dtype)
         else:
@@ -236,10 +235,7 @@ class ConvSSDScan(torch.autograd.Function):
         dy = dy.view_as(x)
 
         # The SSD backward: the states entering each chunk get their gradient first, then x, B, C and the decays.
-        if kernels.own_states and own_tiles:
-            dstates = ssd_states.chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx, states.dtype)
-        else:
-            dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
+        dstates = _chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=states.dtype)
         if kernels.own_state_passing:
             dstates, ddA_chunk_last, states_lowp = state_passing.state_passing_bwd(
                 states.flatten(-2), dA_cumsum[..., -1], dstates.flatten(-2), seq_idx, chunk_size,

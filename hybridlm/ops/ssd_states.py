@@ -1,13 +1,12 @@
-"""The SSD's four chunk-state products as Triton kernels whose programs walk a run of a group's heads, for the
-Mamba-2 mixer (``ops/conv_ssd.py``): each chunk's own state (mamba_ssm's ``_chunk_state_fwd_kernel``), the gradient
-of the state entering each chunk (``_chunk_scan_bwd_dstates_kernel``), and B's and C's gradients through the
-states with their decay-gradient terms (``_chunk_state_bwd_db_kernel``, ``_chunk_scan_bwd_dc_kernel``): the same
-arithmetic as mamba_ssm's.
+"""Three of the SSD's chunk-state products as Triton kernels whose programs walk a run of a group's heads, for the
+Mamba-2 mixer (``ops/conv_ssd.py``): each chunk's own state (mamba_ssm's ``_chunk_state_fwd_kernel``), and B's and
+C's gradients through the states with their decay-gradient terms (``_chunk_state_bwd_db_kernel``,
+``_chunk_scan_bwd_dc_kernel``): the same arithmetic as mamba_ssm's.
 
-Per chunk and head, with A the cumulative log decays, a state is a (head_dim, d_state) sum over the chunk's steps k
+Per chunk and head, with A the cumulative log decays, the chunk's own state (from a zero state) is a
+(head_dim, d_state) sum over the chunk's steps k
 
-    state    = Σ_k x_kᵀ (B_k dt_k exp(A_last − A_k))      (the chunk's own state, from a zero state)
-    dS_enter = Σ_k (dy_k exp(A_k))ᵀ C_k                    (the gradient of the state entering the chunk)
+    state = Σ_k x_kᵀ (B_k dt_k exp(A_last − A_k))
 
 and B's and C's gradients through the states are, per step k, sums over the group's heads of
 
@@ -15,16 +14,17 @@ and B's and C's gradients through the states are, per step k, sums over the grou
 
 with a decay-gradient term per head and step, the row's product with B_k (C_k) summed over d_state.
 
-mamba_ssm's first two kernels give each program one head, so every program loads the chunk's rows of B (C) that
-all heads of a group share, and its two gradient kernels loop over heads without pipelining the loop, summing the
-decay terms with atomic adds. Here a program holds B's (C's) rows across a run of ``heads`` heads, loading only each
-head's x (dy), decays and state, the loop over the heads software-pipelined; every output is stored once (no
-atomics, no zeroing, deterministic). Which factor is scaled before the product and rounded to 16 bits is
-upstream's: B (fp32, then x's dtype) in the chunk's own state, dy in the entering state's gradient.
+mamba_ssm's state kernel gives each program one head, so every program loads the chunk's rows of B that all heads
+of a group share, and its two gradient kernels loop over heads without pipelining the loop, summing the decay terms
+with atomic adds. Here a program holds B's (C's) rows across a run of ``heads`` heads, loading only each head's x
+(dy), decays and state, the loop over the heads software-pipelined; every output is stored once (no atomics, no
+zeroing, deterministic). As upstream, the state kernel scales B (fp32, then rounded to x's dtype) before its
+product. The entering states' gradient (``_chunk_scan_bwd_dstates``) stays mamba_ssm's: the same pattern for it
+(dy scaled, C shared) ran 0.099 ms a layer against its 0.095 at 1x32768 (b8983a7).
 
 On CUDA the mixer calls them where ``ssd_group.launches`` says (16-bit inputs, the shapes run on the GPU;
-``MixerKernels.own_states`` and ``own_state_grads``); under Triton's interpreter any power-of-two head_dim and
-chunk.
+``MixerKernels.own_chunk_states`` and ``own_state_grads``); under Triton's interpreter any power-of-two head_dim
+and chunk.
 """
 
 from __future__ import annotations
@@ -36,24 +36,29 @@ import triton.language as tl
 from hybridlm.ops.layout import seq_idx_strides
 from hybridlm.ops.ssd_group import _heads_per_program, _program_chunk, _tile
 
-# Launch shapes (``benchmarks/own_kernels.py --kernels states,stategrads`` at the 500M config's 1x32768).
-STATE_BLOCK_N = 128  # d_state columns per program
+# Launch shapes, from ``benchmarks/own_kernels.py --kernels states,stategrads`` on an H200 at the 500M config's
+# 1x32768 (chunk 128, head_dim 64, d_state 128, 32 heads in one group; b8983a7). The chunk states: 0.100 ms a layer at
+# 64 columns, 8 heads, 4 warps, 3 stages against mamba_ssm's 0.129; 128 columns 0.114-0.120, 2 stages 0.119-0.144,
+# 32 heads 0.109-0.113, 8 warps slower. B's gradient: 0.090 ms at rows 64, 32 heads, 4 warps, 3 stages against
+# 0.149 (rows 128 at 8 warps 0.089; 2 stages 0.12; 8 heads 0.14-0.25; rows 128 at 4 warps 0.39-0.43, spilled); C's:
+# 0.082 against 0.148, the same launch best.
+STATE_BLOCK_N = 64  # d_state columns per program
 STATE_HEADS = 8
 STATE_NUM_WARPS = 4
 STATE_STAGES = 3
 GRAD_BLOCK_M = 64  # a chunk's rows per program
 GRAD_HEADS = 32
-GRAD_NUM_WARPS = 8
-GRAD_STAGES = 2
+GRAD_NUM_WARPS = 4
+GRAD_STAGES = 3
 
 
 @triton.jit
 def _state_kernel(
-    U, V, DT, DA_CS, SEQ_IDX,  # U (batch, seqlen, nheads, headdim): x or dy; V (batch, seqlen, ngroups, dstate): B or C
+    X, B, DT, DA_CS, SEQ_IDX,  # X (batch, seqlen, nheads, headdim); B (batch, seqlen, ngroups, dstate)
     OUT,  # (batch, nchunks, nheads, headdim, dstate)
     seqlen, batch, heads_per_group,
-    stride_u_b, stride_u_t, stride_u_h, stride_u_p,
-    stride_v_b, stride_v_t, stride_v_g, stride_v_n,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_b_b, stride_b_t, stride_b_g, stride_b_n,
     stride_dt_b, stride_dt_h, stride_dt_c, stride_dt_k,
     stride_da_b, stride_da_h, stride_da_c, stride_da_k,
     stride_seq_b, stride_seq_t,
@@ -61,7 +66,6 @@ def _state_kernel(
     CHUNK: tl.constexpr,
     HEADDIM: tl.constexpr,
     dstate,
-    OWN_STATE: tl.constexpr,  # the chunk's own state (U = x, V = B), else the entering state's gradient (dy, C)
     HAS_SEQ_IDX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr,
@@ -74,72 +78,34 @@ def _state_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_in = k < limit
 
-    # shared by the run's heads: B's (C's) rows of the chunk
-    v = _tile(V + b * stride_v_b + start * stride_v_t + group * stride_v_g, k, n, stride_v_t, stride_v_n, limit, dstate)
-    if OWN_STATE:
-        v = v.to(tl.float32)
-    if HAS_SEQ_IDX:
+    # shared by the run's heads: B's rows of the chunk, scaled per head in fp32
+    b_base = B + b * stride_b_b + start * stride_b_t + group * stride_b_g
+    b_rows = _tile(b_base, k, n, stride_b_t, stride_b_n, limit, dstate).to(tl.float32)  # (CHUNK, BLOCK_N)
+    if HAS_SEQ_IDX:  # the state leaving the chunk holds only the steps of its last step's document
         seq = SEQ_IDX + b * stride_seq_b + start * stride_seq_t
         seq_k = tl.load(seq + k * stride_seq_t, mask=k_in, other=-1)
-        if OWN_STATE:  # the state leaving the chunk holds only the steps of its last step's document
-            seq_last = tl.load(seq + (limit - 1) * stride_seq_t)
-            keep = (seq_last >= 0) & (seq_k == seq_last)
-        else:  # the state entering the chunk reaches only the steps of its document
-            seq_prev = tl.load(seq - stride_seq_t, mask=c >= 1, other=0)
-            keep = seq_k == seq_prev
+        seq_last = tl.load(seq + (limit - 1) * stride_seq_t)
+        keep = (seq_last >= 0) & (seq_k == seq_last)
 
     for i in tl.range(0, HEADS, num_stages=STAGES):
         h = first_head + i
         decays = DA_CS + b * stride_da_b + h * stride_da_h + c * stride_da_c
-        u = _tile(
-            U + b * stride_u_b + start * stride_u_t + h * stride_u_h, k, p, stride_u_t, stride_u_p, limit, HEADDIM
+        da_k = tl.load(decays + k * stride_da_k, mask=k_in, other=0.0).to(tl.float32)
+        da_last = tl.load(decays + (CHUNK - 1) * stride_da_k).to(tl.float32)
+        dt_k = tl.load(DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + k * stride_dt_k, mask=k_in, other=0.0)
+        scale = tl.exp(tl.minimum(da_last - da_k, 0.0)) * dt_k.to(tl.float32)
+        if HAS_SEQ_IDX:
+            scale = tl.where(keep, scale, 0.0)
+        x = _tile(
+            X + b * stride_x_b + start * stride_x_t + h * stride_x_h, k, p, stride_x_t, stride_x_p, limit, HEADDIM
         )
-        if OWN_STATE:
-            da_k = tl.load(decays + k * stride_da_k, mask=k_in, other=0.0).to(tl.float32)
-            da_last = tl.load(decays + (CHUNK - 1) * stride_da_k).to(tl.float32)
-            dt_k = tl.load(
-                DT + b * stride_dt_b + h * stride_dt_h + c * stride_dt_c + k * stride_dt_k, mask=k_in, other=0.0
-            )
-            scale = tl.exp(tl.minimum(da_last - da_k, 0.0)) * dt_k.to(tl.float32)
-            if HAS_SEQ_IDX:
-                scale = tl.where(keep, scale, 0.0)
-            state = tl.dot(tl.trans(u), (v * scale[:, None]).to(u.dtype))  # (HEADDIM, BLOCK_N)
-        else:
-            scale = tl.exp(tl.load(decays + k * stride_da_k).to(tl.float32))
-            if HAS_SEQ_IDX:
-                scale = tl.where(keep, scale, 0.0)
-            state = tl.dot(tl.trans((u.to(tl.float32) * scale[:, None]).to(u.dtype)), v.to(u.dtype))
+        state = tl.dot(tl.trans(x), (b_rows * scale[:, None]).to(x.dtype))  # (HEADDIM, BLOCK_N)
         out = OUT + b * stride_o_b + c * stride_o_c + h * stride_o_h
         tl.store(
             out + p[:, None] * stride_o_p + n[None, :] * stride_o_n,
             state.to(OUT.dtype.element_ty),
             mask=(n < dstate)[None, :],
         )
-
-
-def _strides(dt: torch.Tensor | None) -> tuple[int, ...]:
-    """dt's strides as the kernels take them: the entering state's kernels read no dt."""
-    return dt.stride() if dt is not None else (0, 0, 0, 0)
-
-
-def _state(U, V, dt, dA_cumsum, seq_idx, out_dtype, own_state: bool, block_n, heads, num_warps, stages):
-    batch, seqlen, nheads, headdim = U.shape
-    _, _, nchunks, chunk = dA_cumsum.shape
-    ngroups, dstate = V.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups)
-    block_n = min(block_n, max(triton.next_power_of_2(dstate), 16))
-    out = torch.empty(batch, nchunks, nheads, headdim, dstate, device=U.device, dtype=out_dtype)
-    grid = (triton.cdiv(dstate, block_n), batch * nchunks, nheads // heads)
-    with torch.cuda.device(U.device.index):
-        _state_kernel[grid](
-            U, V, dt, dA_cumsum, seq_idx,
-            out,
-            seqlen, batch, nheads // ngroups,
-            *U.stride(), *V.stride(), *_strides(dt), *dA_cumsum.stride(), *seq_idx_strides(seq_idx), *out.stride(),
-            CHUNK=chunk, HEADDIM=headdim, dstate=dstate, OWN_STATE=own_state, HAS_SEQ_IDX=seq_idx is not None,
-            BLOCK_N=block_n, HEADS=heads, STAGES=stages, num_warps=num_warps,
-        )  # fmt: skip
-    return out
 
 
 def chunk_state_fwd(
@@ -157,23 +123,23 @@ def chunk_state_fwd(
     """Each chunk's own state (from a zero state), (batch, nchunks, nheads, headdim, dstate) in ``out_dtype``: what
     mamba_ssm's ``_chunk_state_fwd`` returns. ``heads`` is capped at the heads per group, and lowered to one that
     divides them."""
-    return _state(x, B, dt, dA_cumsum, seq_idx, out_dtype, True, block_n, heads, num_warps, stages)
-
-
-def chunk_scan_bwd_dstates(
-    C: torch.Tensor,  # (batch, seqlen, ngroups, dstate)
-    dA_cumsum: torch.Tensor,  # (batch, nheads, nchunks, chunk)
-    dout: torch.Tensor,  # (batch, seqlen, nheads, headdim)
-    seq_idx: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    block_n: int = STATE_BLOCK_N,
-    heads: int = STATE_HEADS,
-    num_warps: int = STATE_NUM_WARPS,
-    stages: int = STATE_STAGES,
-) -> torch.Tensor:
-    """The gradient of the state entering each chunk through that chunk's outputs, (batch, nchunks, nheads,
-    headdim, dstate) in ``out_dtype``: what mamba_ssm's ``_chunk_scan_bwd_dstates`` returns."""
-    return _state(dout, C, None, dA_cumsum, seq_idx, out_dtype, False, block_n, heads, num_warps, stages)
+    batch, seqlen, nheads, headdim = x.shape
+    _, _, nchunks, chunk = dA_cumsum.shape
+    ngroups, dstate = B.shape[-2:]
+    heads = _heads_per_program(heads, nheads, ngroups)
+    block_n = min(block_n, max(triton.next_power_of_2(dstate), 16))
+    out = torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=out_dtype)
+    grid = (triton.cdiv(dstate, block_n), batch * nchunks, nheads // heads)
+    with torch.cuda.device(x.device.index):
+        _state_kernel[grid](
+            x, B, dt, dA_cumsum, seq_idx,
+            out,
+            seqlen, batch, nheads // ngroups,
+            *x.stride(), *B.stride(), *dt.stride(), *dA_cumsum.stride(), *seq_idx_strides(seq_idx), *out.stride(),
+            CHUNK=chunk, HEADDIM=headdim, dstate=dstate, HAS_SEQ_IDX=seq_idx is not None,
+            BLOCK_N=block_n, HEADS=heads, STAGES=stages, num_warps=num_warps,
+        )  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -275,7 +241,7 @@ def _state_grad(U, S, V, dt, dA_cumsum, seq_idx, through_B: bool, block_m, heads
             U, S, V, dt, dA_cumsum, seq_idx,
             dv, dda,
             seqlen, batch, nheads // ngroups,
-            *U.stride(), *S.stride(), *V.stride(), *_strides(dt),
+            *U.stride(), *S.stride(), *V.stride(), *(dt.stride() if dt is not None else (0, 0, 0, 0)),
             *dA_cumsum.stride(), *seq_idx_strides(seq_idx), *dv.stride(), *dda.stride(),
             CHUNK=chunk, HEADDIM=headdim, DSTATE=max(triton.next_power_of_2(dstate), 16), dstate=dstate,
             THROUGH_B=through_B, HAS_SEQ_IDX=seq_idx is not None,

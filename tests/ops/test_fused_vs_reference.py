@@ -423,8 +423,8 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
     hybridlm's conv backward against causal_conv1d's, with documents; ``"own_dx"``, hybridlm's x-gradient kernel
     against mamba_ssm's; ``"own_scan_fwd"``, its chunked-scan forward against mamba_ssm's; ``"own_cb_grads"``, its
-    kernel for C·Bᵀ's and the in-chunk decays' gradients against mamba_ssm's two; ``"own_states"``, its kernels for
-    each chunk's own state and the entering states' gradient; ``"own_state_grads"``, its kernels for B's and C's
+    kernel for C·Bᵀ's and the in-chunk decays' gradients against mamba_ssm's two; ``"own_chunk_states"``, its kernel for
+    each chunk's own state; ``"own_state_grads"``, its kernels for B's and C's
     gradients through the states) instead of the
     reference ops. ``seqlen``: at 9216 (72 chunks) mamba_ssm's backward kernels put a group's four heads in one
     program on a 132-SM GPU (one split: the wrappers' view instead of a sum), at 512 in four. ``fused``: the op
@@ -572,8 +572,8 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     "conv_ssd_scan[vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_scan_fwd"),
     "conv_ssd_scan[seq_idx,vs upstream cb grads]": lambda dt: case_conv_ssd_scan(dt, baseline="own_cb_grads"),
     "conv_ssd_scan[vs upstream cb grads]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_cb_grads"),
-    "conv_ssd_scan[seq_idx,vs upstream states]": lambda dt: case_conv_ssd_scan(dt, baseline="own_states"),
-    "conv_ssd_scan[vs upstream states]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_states"),
+    "conv_ssd_scan[seq_idx,vs upstream states]": lambda dt: case_conv_ssd_scan(dt, baseline="own_chunk_states"),
+    "conv_ssd_scan[vs upstream states]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_chunk_states"),
     "conv_ssd_scan[seq_idx,vs upstream state grads]": lambda dt: case_conv_ssd_scan(dt, baseline="own_state_grads"),
     "conv_ssd_scan[vs upstream state grads]": lambda dt: case_conv_ssd_scan(
         dt, packed=False, baseline="own_state_grads"
