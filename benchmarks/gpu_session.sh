@@ -387,7 +387,7 @@ for phase in "${phases[@]}"; do
       run states-quick 120 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels states,stategrads --quick
       statetests
       run prof-graph-2x4096 150 python3 benchmarks/profile_step.py $CFG --graph --shape 2x4096 --top 60 --out "$OUT/prof" ;;
-    statebench)  # ops/ssd_states.py's kernels: training against the mamba_ssm hybrid at both shapes with each lever
+    ssdstatesbench)  # ops/ssd_states.py's kernels: training against the mamba_ssm hybrid at both shapes with each lever
       # off and an A/A control (own_conv_bwd: no documents)
       run bench-states 560 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_chunk_states,own_state_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
