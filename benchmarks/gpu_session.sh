@@ -391,6 +391,16 @@ for phase in "${phases[@]}"; do
       # off and an A/A control (own_conv_bwd: no documents)
       run bench-states 560 python3 -m hybridlm bench $CFG --shapes 8x4096,1x32768 --systems hybridlm,mamba_ssm \
         --ablate own_chunk_states,own_state_grads,own_conv_bwd --warmup 3 --steps 8 --out "$OUT/bench.jsonl" ;;
+    fillheads)  # the heads a program that ssd_group.launch_heads picks where the chunks are fewer than the SMs (2x4096):
+      # launch sweeps there, the defaults at 1x32768 (where it keeps every run), every own-kernel case of the mixer
+      # against mamba_ssm's kernels (bf16), the mixer at 72 chunks (runs of 4 heads) against the reference, a model,
+      # the captured step
+      run fill-2x4096 240 python3 benchmarks/own_kernels.py $CFG --shape 2x4096 --kernels scan,dx,stategrads
+      run fill-2x4096-quick 90 python3 benchmarks/own_kernels.py $CFG --shape 2x4096 --kernels cb,states --quick
+      run fill-1x32768-quick 90 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels scan,dx,cb,states,stategrads --quick
+      run fill-check 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "conv_ssd_scan and upstream and not norm and not launch and not passing or split and bf16 and not combined or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;

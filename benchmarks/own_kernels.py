@@ -9,7 +9,8 @@ KERNELS: a comma list of norm, loss, state, conv, scan, dx, cb, states, stategra
 
 Prints kernel time per call (torch.profiler's device time, as op_variants.py) and, per kernel, the ratio of the
 upstream kernel's time to each variant's; every variant's outputs are checked against the upstream kernel's
-(largest difference relative to the upstream's largest magnitude). ``--quick`` times only the defaults.
+(largest difference relative to the upstream's largest magnitude). ``--quick`` times only the defaults ("heads
+None": the heads a program that ``ssd_group.launch_heads`` picks for the shape).
 """
 
 from __future__ import annotations
@@ -256,12 +257,7 @@ def ssd_variants(
                 ),
             )
 
-        defaults = (
-            ssd_states.STATE_BLOCK_N,
-            ssd_states.STATE_HEADS,
-            ssd_states.STATE_NUM_WARPS,
-            ssd_states.STATE_STAGES,
-        )
+        defaults = (ssd_states.STATE_BLOCK_N, None, ssd_states.STATE_NUM_WARPS, ssd_states.STATE_STAGES)
         shapes = [defaults] if quick else itertools.product((64, 128), (4, 8, 32), (4, 8), (2, 3))
         for shape in shapes:
             variants["ours columns {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
@@ -286,7 +282,7 @@ def ssd_variants(
                     states, dA_cumsum, dy, C, seq_idx, block_m=block_m, heads=heads, num_warps=warps, stages=stages
                 )
 
-        defaults = (ssd_states.GRAD_BLOCK_M, ssd_states.GRAD_HEADS, ssd_states.GRAD_NUM_WARPS, ssd_states.GRAD_STAGES)
+        defaults = (ssd_states.GRAD_BLOCK_M, None, ssd_states.GRAD_NUM_WARPS, ssd_states.GRAD_STAGES)
         shapes = [defaults] if quick else itertools.product((32, 64, 128), (8, 32), (4, 8), (2, 3))
         for shape in shapes:
             variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
@@ -318,7 +314,7 @@ def ssd_variants(
             )
 
         variants = {"mamba_ssm dcb + ddAcs (its lists)": upstream}
-        defaults = (ssd_group.CB_BLOCK_M, ssd_group.CB_HEADS, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)
+        defaults = (ssd_group.CB_BLOCK_M, None, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)  # None: launch_heads
         shapes = [defaults] if quick else [
             *itertools.product((32, 64), (32,), (4, 8), (2, 3)), (16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 2, 2),
         ]  # fmt: skip
@@ -338,7 +334,7 @@ def ssd_variants(
 
         variants = {"mamba_ssm dx (wider list)": upstream}
 
-    defaults = (ssd_group.BLOCK_M, ssd_group.HEADS, ssd_group.NUM_WARPS, ssd_group.STAGES)
+    defaults = (ssd_group.BLOCK_M, None, ssd_group.NUM_WARPS, ssd_group.STAGES)  # None: launch_heads
     # the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower; rows 128 at 3 stages ran out of
     # shared memory until dy was loaded once
     shapes = [defaults] if quick else [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]

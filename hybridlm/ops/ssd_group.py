@@ -213,18 +213,18 @@ def chunk_scan_chunk_state_bwd_dx(
     seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
     dx: torch.Tensor,  # like x, written
     block_m: int = BLOCK_M,
-    heads: int = HEADS,
+    heads: int | None = None,
     num_warps: int = NUM_WARPS,
     stages: int = STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (written into ``dx``), the dt gradient (batch, nheads, nchunks, chunk) fp32 and D's (D's shape and
-    dtype): what mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` returns. ``heads`` is capped at the heads per
-    group, and lowered to one that divides them."""
+    dtype): what mamba_ssm's ``_chunk_scan_chunk_state_bwd_dx`` returns. ``heads`` a program, as ``launch_heads``
+    gives them (None: up to ``HEADS``)."""
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dt.shape
     ngroups, dstate = B.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups)
     row_blocks = triton.cdiv(chunk, block_m)
+    heads = launch_heads(heads, HEADS, nheads, ngroups, row_blocks * batch * nchunks, x.device)
     ddt = torch.empty(batch, nheads, nchunks, chunk, device=x.device, dtype=torch.float32)
     d_columns = headdim if D.dim() == 2 else 1
     dD = torch.empty(row_blocks, batch, nchunks, nheads, d_columns, device=x.device, dtype=torch.float32)
@@ -336,7 +336,7 @@ def chunk_scan_fwd(
     D: torch.Tensor,  # (nheads,) or (nheads, headdim)
     seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
     block_m: int = BLOCK_M,
-    heads: int = HEADS,
+    heads: int | None = None,
     num_warps: int = NUM_WARPS,
     stages: int = STAGES,
 ) -> torch.Tensor:
@@ -345,9 +345,10 @@ def chunk_scan_fwd(
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dt.shape
     ngroups, dstate = C.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups)
+    row_blocks = triton.cdiv(chunk, block_m)
+    heads = launch_heads(heads, HEADS, nheads, ngroups, row_blocks * batch * nchunks, x.device)
     out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(chunk, block_m), batch * nchunks, nheads // heads)
+    grid = (row_blocks, batch * nchunks, nheads // heads)
     with torch.cuda.device(x.device.index):
         _scan_fwd_kernel[grid](
             CB, x, dt, dA_cumsum, seq_idx, C, states, D,
@@ -491,7 +492,7 @@ def chunk_scan_bwd_cb_grads(
     CB: torch.Tensor,  # (batch, nchunks, ngroups, chunk, chunk), zero across documents
     seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
     block_m: int = CB_BLOCK_M,
-    heads: int = CB_HEADS,
+    heads: int | None = None,
     num_warps: int = CB_NUM_WARPS,
     stages: int = CB_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,10 +503,10 @@ def chunk_scan_bwd_cb_grads(
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dt.shape
     ngroups = CB.shape[2]
-    heads = _heads_per_program(heads, nheads, ngroups)
-    splits = nheads // ngroups // heads
     block_m = min(block_m, chunk)
     row_blocks = chunk // block_m
+    heads = launch_heads(heads, CB_HEADS, nheads, ngroups, row_blocks * batch * nchunks, x.device)
+    splits = nheads // ngroups // heads
     dcb = torch.empty(batch, nchunks, splits, ngroups, chunk, chunk, device=x.device, dtype=torch.float32)
     dda = torch.empty(batch, nheads, nchunks, row_blocks, chunk, device=x.device, dtype=torch.float32)
     grid = (row_blocks, batch * nchunks, nheads // heads)
@@ -526,3 +527,22 @@ def _heads_per_program(heads: int, nheads: int, ngroups: int) -> int:
     """The most heads up to ``heads`` that divide a group's (a program's heads share one group's C and B)."""
     per_group = nheads // ngroups
     return max(h for h in range(1, min(heads, per_group) + 1) if per_group % h == 0)
+
+
+def launch_heads(
+    heads: int | None, default: int, nheads: int, ngroups: int, other_programs: int, device: torch.device
+) -> int:
+    """Heads a program: ``heads`` as asked (capped to divide a group's), or for None the most up to ``default`` whose
+    grid still gives every SM a program. The defaults were swept at 256 chunks (1x32768, 8x4096); at 2x4096 the 500M
+    config has 64, and runs of all 32 heads left half of an H200's 132 SMs idle. ``other_programs``: the grid's size
+    along its other axes."""
+    if heads is not None:
+        return _heads_per_program(heads, nheads, ngroups)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    return _filling_heads(default, nheads, ngroups, other_programs, sms)
+
+
+def _filling_heads(default: int, nheads: int, ngroups: int, other_programs: int, sms: int) -> int:
+    per_group = nheads // ngroups
+    runs = [h for h in range(min(default, per_group), 0, -1) if per_group % h == 0]  # most heads first
+    return next((h for h in runs if other_programs * (nheads // h) >= sms), runs[-1])

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.layout import seq_idx_strides
-from hybridlm.ops.ssd_group import _heads_per_program, _program_chunk, _tile
+from hybridlm.ops.ssd_group import _program_chunk, _tile, launch_heads
 
 # Launch shapes, from ``benchmarks/own_kernels.py --kernels states,stategrads`` on an H200 at the 500M config's
 # 1x32768 (chunk 128, head_dim 64, d_state 128, 32 heads in one group; b8983a7). The chunk states: 0.100 ms a layer at
@@ -116,18 +116,18 @@ def chunk_state_fwd(
     seq_idx: torch.Tensor | None,  # (batch, seqlen) int32
     out_dtype: torch.dtype = torch.float32,
     block_n: int = STATE_BLOCK_N,
-    heads: int = STATE_HEADS,
+    heads: int | None = None,
     num_warps: int = STATE_NUM_WARPS,
     stages: int = STATE_STAGES,
 ) -> torch.Tensor:
     """Each chunk's own state (from a zero state), (batch, nchunks, nheads, headdim, dstate) in ``out_dtype``: what
-    mamba_ssm's ``_chunk_state_fwd`` returns. ``heads`` is capped at the heads per group, and lowered to one that
-    divides them."""
+    mamba_ssm's ``_chunk_state_fwd`` returns. ``heads`` a program, as ``ssd_group.launch_heads`` gives them (None:
+    up to ``STATE_HEADS``)."""
     batch, seqlen, nheads, headdim = x.shape
     _, _, nchunks, chunk = dA_cumsum.shape
     ngroups, dstate = B.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups)
     block_n = min(block_n, max(triton.next_power_of_2(dstate), 16))
+    heads = launch_heads(heads, STATE_HEADS, nheads, ngroups, triton.cdiv(dstate, block_n) * batch * nchunks, x.device)
     out = torch.empty(batch, nchunks, nheads, headdim, dstate, device=x.device, dtype=out_dtype)
     grid = (triton.cdiv(dstate, block_n), batch * nchunks, nheads // heads)
     with torch.cuda.device(x.device.index):
@@ -230,9 +230,9 @@ def _state_grad(U, S, V, dt, dA_cumsum, seq_idx, through_B: bool, block_m, heads
     batch, seqlen, nheads, headdim = U.shape
     _, _, nchunks, chunk = dA_cumsum.shape
     ngroups, dstate = V.shape[-2:]
-    heads = _heads_per_program(heads, nheads, ngroups)
-    splits = nheads // ngroups // heads
     block_m = min(block_m, chunk)
+    heads = launch_heads(heads, GRAD_HEADS, nheads, ngroups, chunk // block_m * batch * nchunks, U.device)
+    splits = nheads // ngroups // heads
     dv = torch.empty(batch, seqlen, splits, ngroups, dstate, device=U.device, dtype=torch.float32)
     dda = torch.empty(batch, nheads, nchunks, chunk, device=U.device, dtype=torch.float32)
     grid = (chunk // block_m, batch * nchunks, nheads // heads)
@@ -258,7 +258,7 @@ def chunk_state_bwd_db(
     B: torch.Tensor,  # (batch, seqlen, ngroups, dstate)
     seq_idx: torch.Tensor | None,
     block_m: int = GRAD_BLOCK_M,
-    heads: int = GRAD_HEADS,
+    heads: int | None = None,
     num_warps: int = GRAD_NUM_WARPS,
     stages: int = GRAD_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +276,7 @@ def chunk_scan_bwd_dC(
     C: torch.Tensor,  # (batch, seqlen, ngroups, dstate)
     seq_idx: torch.Tensor | None,
     block_m: int = GRAD_BLOCK_M,
-    heads: int = GRAD_HEADS,
+    heads: int | None = None,
     num_warps: int = GRAD_NUM_WARPS,
     stages: int = GRAD_STAGES,
 ) -> tuple[torch.Tensor, torch.Tensor]:

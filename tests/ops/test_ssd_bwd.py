@@ -271,6 +271,23 @@ def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
 
 
 @pytest.mark.parametrize(
+    "other_programs, want", [(256, 32), (128, 16), (64, 8), (1, 1)], ids=["1x32768", "128 chunks", "2x4096", "tiny"]
+)
+def test_default_heads_leave_no_sm_idle(other_programs, want):
+    """Without ``heads`` a launch takes the most heads up to its default whose grid gives each of 132 SMs a program:
+    at the 500M config's 2x4096 (64 chunks, one row block) runs of 8 of the group's 32 heads, 256 programs; at
+    1x32768 (256 chunks) all 32, at 128 chunks 16; with too few chunks to fill the GPU at any run, one head a
+    program. Asked for, a
+    number of heads is kept (capped to divide the group's)."""
+    from hybridlm.ops import ssd_group
+
+    assert ssd_group._filling_heads(32, 32, 1, other_programs, sms=132) == want
+    # runs divide a group's 24 heads: 16 does not; 12 makes 4 runs over both groups, 256 programs
+    assert ssd_group._filling_heads(16, 48, 2, 64, sms=132) == 12
+    assert ssd_group.launch_heads(32, 32, 32, 1, 1, torch.device("cpu")) == 32
+
+
+@pytest.mark.parametrize(
     "rows,chunk",
     [(32, 32), (16, 32), (16, 64)],
     ids=["one row block a chunk", "two row blocks (16 and 32 columns)", "four row blocks (16, 32, 64, 64 columns)"],
