@@ -271,13 +271,15 @@ def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
 
 
 @pytest.mark.parametrize(
-    "other_programs, want", [(256, 32), (128, 16), (64, 8), (1, 1)], ids=["1x32768", "128 chunks", "2x4096", "tiny"]
+    "other_programs, want",
+    [(256, 32), (99, 32), (98, 16), (64, 16), (32, 8), (1, 1)],
+    ids=["1x32768", "three quarters of the SMs", "just under", "2x4096", "1x4096", "tiny"],
 )
 def test_default_heads_leave_no_sm_idle(other_programs, want):
-    """Without ``heads`` a launch takes the most heads up to its default whose grid gives each of 132 SMs a program:
-    at the 500M config's 2x4096 (64 chunks, one row block) runs of 8 of the group's 32 heads, 256 programs; at
-    1x32768 (256 chunks) all 32, at 128 chunks 16; with too few chunks to fill the GPU at any run, one head a
-    program. Asked for, a
+    """Without ``heads`` a launch takes the most heads up to its default whose grid covers three quarters of 132 SMs
+    (99 programs): at the 500M config's 2x4096 (64 chunks, one row block) runs of 16 of the group's 32 heads, 128
+    programs; at 1x32768 (256 chunks) all 32; with too few chunks to cover them at any run, one head a program.
+    Asked for, a
     number of heads is kept (capped to divide the group's)."""
     from hybridlm.ops import ssd_group
 
