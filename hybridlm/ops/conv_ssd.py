@@ -37,7 +37,7 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   where mamba_ssm runs two: 1.09x);
 - with the same inputs three chunk-state products (each chunk's own state, and B's and C's gradients through the
   states with their decay terms) are hybridlm's own Triton kernels (``ops/ssd_states.py``: mamba_ssm's arithmetic,
-  a program holding B's or C's rows across a run of heads; 1.29x, 1.66x and 1.80x).
+  a program holding B's or C's rows across a run of heads; 1.29x, 1.64x and 1.75x).
 
 CUDA only (Triton and CUDA kernels); ``hybridlm.ops`` decides when it runs. ``conv_ssd_scan_combined``, mamba_ssm's
 own op, stays beside it as the baseline the GPU tests and ``benchmarks/op_variants.py`` compare it with.

@@ -50,7 +50,7 @@ from hybridlm.ops.layout import seq_idx_strides
 # heads 0.267 / 0.282, 2 stages 0.314-0.332, rows 64 0.347. Working the chunk in two halves of rows and columns to
 # skip C·Bᵀ's zero block (bd3c36b, reverted) was slower: 0.475 and 0.357 ms at best (six 64-row products a head).
 BLOCK_M = 128  # rows of the chunk per program (both kernels: the same launch won each sweep)
-HEADS = 32  # heads per program (of one group)
+HEADS = 32  # heads per program (of one group), at most: launch_heads takes fewer where the grid would leave SMs idle
 NUM_WARPS = 8
 STAGES = 3  # the head loop's software pipelining
 # C·Bᵀ's gradient with the in-chunk decay gradient (``own_kernels.py --kernels cb``, same shape, fd9d197): 0.317 ms

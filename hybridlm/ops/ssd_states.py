@@ -43,11 +43,11 @@ from hybridlm.ops.ssd_group import _program_chunk, _tile, launch_heads
 # 0.149 (rows 128 at 8 warps 0.089; 2 stages 0.12; 8 heads 0.14-0.25; rows 128 at 4 warps 0.39-0.43, spilled); C's:
 # 0.082 against 0.148, the same launch best.
 STATE_BLOCK_N = 64  # d_state columns per program
-STATE_HEADS = 8
+STATE_HEADS = 8  # at most, as ssd_group.HEADS
 STATE_NUM_WARPS = 4
 STATE_STAGES = 3
 GRAD_BLOCK_M = 64  # a chunk's rows per program
-GRAD_HEADS = 32
+GRAD_HEADS = 32  # at most
 GRAD_NUM_WARPS = 4
 GRAD_STAGES = 3
 
