@@ -175,10 +175,10 @@ def test_pre_hooks_zero_what_hybridlm_zeroes_instead(upstream):
 
 
 def scan_inputs(D_per_column: bool, packed: bool, chunk: int = 32, dstate: int = 16) -> types.SimpleNamespace:
-    """fp32 inputs of the chunked scan's kernels: two groups of two heads, two rows of 88 steps in chunks of 32 (the
-    last cut short by the sequence's end), or of ``chunk``; ``packed``: a document boundary inside a chunk and one
-    on a chunk's first step (64). ``states`` serves as the states entering each chunk or as the gradient of those
-    leaving it."""
+    """fp32 inputs of the chunked scan's kernels: two groups of two heads (head_dim 16, d_state 16 or ``dstate``),
+    two rows of 88 steps in chunks of 32 (the last cut short by the sequence's end), or of ``chunk``; ``packed``: a
+    document boundary inside a chunk and one on a chunk's first step (64). ``states`` serves as the states entering
+    each chunk or as the gradient of those leaving it."""
     torch.manual_seed(0)
     batch, seqlen, nheads, headdim, ngroups = 2, 88, 4, 16, 2
     nchunks = -(-seqlen // chunk)
@@ -275,12 +275,11 @@ def test_heads_a_program_divide_a_groups_heads(per_group, asked, want):
     [(256, 32), (99, 32), (98, 16), (64, 16), (32, 8), (1, 1)],
     ids=["1x32768", "three quarters of the SMs", "just under", "2x4096", "1x4096", "tiny"],
 )
-def test_default_heads_leave_no_sm_idle(other_programs, want):
+def test_default_heads_cover_three_quarters_of_the_sms(other_programs, want):
     """Without ``heads`` a launch takes the most heads up to its default whose grid covers three quarters of 132 SMs
     (99 programs): at the 500M config's 2x4096 (64 chunks, one row block) runs of 16 of the group's 32 heads, 128
     programs; at 1x32768 (256 chunks) all 32; with too few chunks to cover them at any run, one head a program.
-    Asked for, a
-    number of heads is kept (capped to divide the group's)."""
+    Asked for, a number of heads is kept (capped to divide the group's)."""
     from hybridlm.ops import ssd_group
 
     assert ssd_group._filling_heads(32, 32, 1, other_programs, sms=132) == want
