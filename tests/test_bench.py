@@ -202,15 +202,17 @@ def test_decode_rows_count_generated_tokens_at_batch_1_and_16(tmp_path):
     systems = ["hybridlm", "hybridlm-transformer", "hf-llama"]
     config = _config_file(tmp_path)
     rows = bench.run_bench(
-        config, [], [(1, SEQ)], systems, 0, 1, True, out, decode_prompt=8, decode_tokens=12, device="cpu"
+        config, [], [(1, SEQ)], systems, 0, 1, True, out, decode_prompt=8, decode_tokens=32, device="cpu"
     )
     decode = [r for r in rows if r["mode"] == "decode"]
     shapes = [(r["system"], r["batch"], r["seq_len"], r["tokens_per_step"]) for r in decode]
-    assert shapes == [(s, b, 8, b * 12) for s in ("hybridlm", "hybridlm-transformer") for b in bench.DECODE_BATCHES]
-    for r in decode:  # the rate counts the 11 tokens after the first, over the time they added to the prefill
+    assert shapes == [(s, b, 8, b * 32) for s in ("hybridlm", "hybridlm-transformer") for b in bench.DECODE_BATCHES]
+    # the rate counts the 31 tokens after the first, over the time they added to the prefill: enough tokens that
+    # their time stands above the timer's noise on a busy CPU (12 once came out "untimed" beside another test run)
+    for r in decode:
         assert r["status"] == "ok" and r["cuda_graph"] is False  # no graphs on CPU
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["ms_per_step"] / 1e3))
-        assert 0 < r["tokens_per_s_with_prefill"] * r["prefill_s"] < r["batch"] * 12
+        assert 0 < r["tokens_per_s_with_prefill"] * r["prefill_s"] < r["batch"] * 32
 
 
 def test_decode_needs_two_new_tokens_to_time_a_step(tmp_path):
