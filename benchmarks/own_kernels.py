@@ -240,6 +240,11 @@ def ssd_variants(
     seq_idx = (torch.arange(seqlen, device=dev) // 1000).to(torch.int32).expand(batch, seqlen).contiguous()
     seq_idx = seq_idx if packed else None
     dx = torch.empty_like(xBC)[..., :d_inner].unflatten(-1, (nheads, headdim))
+    # the scan's forward and x gradient; the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower,
+    # rows 128 at 3 stages ran out of shared memory until dy was loaded once
+    group_defaults = (ssd_group.BLOCK_M, None, ssd_group.NUM_WARPS, ssd_group.STAGES)
+    group_sweep = [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]
+    axis = "rows"  # the launch's first number: a chunk's rows a program, or d_state's columns
 
     if kernel == "csfwd":
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd
@@ -257,12 +262,10 @@ def ssd_variants(
                 ),
             )
 
+        axis = "columns"
         defaults = (ssd_states.STATE_BLOCK_N, None, ssd_states.STATE_NUM_WARPS, ssd_states.STATE_STAGES)
-        shapes = [defaults] if quick else itertools.product((64, 128), (4, 8, 32), (4, 8), (2, 3))
-        for shape in shapes:
-            variants["ours columns {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
-        return variants
-    if kernel in ("db", "dc"):
+        sweep = itertools.product((64, 128), (4, 8, 32), (4, 8), (2, 3))
+    elif kernel in ("db", "dc"):
         if kernel == "db":
             variants = {"mamba_ssm dB (mixer's launch)": lambda: ssd_bwd.chunk_state_bwd_db(
                 x, dt, dA_cumsum, states, B, 1, seq_idx
@@ -283,11 +286,8 @@ def ssd_variants(
                 )
 
         defaults = (ssd_states.GRAD_BLOCK_M, None, ssd_states.GRAD_NUM_WARPS, ssd_states.GRAD_STAGES)
-        shapes = [defaults] if quick else itertools.product((32, 64, 128), (8, 32), (4, 8), (2, 3))
-        for shape in shapes:
-            variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
-        return variants
-    if kernel == "scan":
+        sweep = itertools.product((32, 64, 128), (8, 32), (4, 8), (2, 3))
+    elif kernel == "scan":
         upstream_fwd = ssd_launch.chunk_scan_fwd()
 
         def upstream():
@@ -302,6 +302,7 @@ def ssd_variants(
             )  # fmt: skip
 
         variants = {"mamba_ssm scan fwd (wider list)": upstream}
+        defaults, sweep = group_defaults, group_sweep
     elif kernel == "cb":
 
         def upstream():
@@ -314,13 +315,10 @@ def ssd_variants(
             )
 
         variants = {"mamba_ssm dcb + ddAcs (its lists)": upstream}
-        defaults = (ssd_group.CB_BLOCK_M, None, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)  # None: launch_heads
-        shapes = [defaults] if quick else [
+        defaults = (ssd_group.CB_BLOCK_M, None, ssd_group.CB_NUM_WARPS, ssd_group.CB_STAGES)
+        sweep = [
             *itertools.product((32, 64), (32,), (4, 8), (2, 3)), (16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 2, 2),
         ]  # fmt: skip
-        for shape in shapes:
-            variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
-        return variants
     else:
 
         def upstream():
@@ -333,13 +331,12 @@ def ssd_variants(
             )  # fmt: skip
 
         variants = {"mamba_ssm dx (wider list)": upstream}
+        defaults, sweep = group_defaults, group_sweep
 
-    defaults = (ssd_group.BLOCK_M, None, ssd_group.NUM_WARPS, ssd_group.STAGES)  # None: launch_heads
-    # the dx kernel's first sweeps (6128fec, 3c28159): rows 64 and 4 warps slower; rows 128 at 3 stages ran out of
-    # shared memory until dy was loaded once
-    shapes = [defaults] if quick else [(64, 32, 8, 3), *itertools.product((128,), (8, 16, 32), (8,), (2, 3))]
-    for shape in shapes:
-        variants["ours rows {} heads {} warps {} stages {}".format(*shape)] = ours(*shape)
+    # heads None: launch_heads' choice for the shape
+    for shape in [defaults] if quick else sweep:
+        block, heads, warps, stages = shape
+        variants[f"ours {axis} {block} heads {heads} warps {warps} stages {stages}"] = ours(*shape)
     return variants
 
 

@@ -1,4 +1,4 @@
-"""Memory-layout guards for the fused kernels."""
+"""Memory layouts the fused kernels read and write: int32 guards, document ids' strides, per-split partial sums."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def int32_addressable(t: torch.Tensor | None) -> torch.Tensor | None:
 def int32_seq_idx(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     """Document ids as the kernels read them: contiguous int32 (the model passes them in any integer dtype)."""
     return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+
+
+def sum_splits(t: torch.Tensor) -> torch.Tensor:
+    """A kernel's per-split partial sums (axis 2: each split of a group's heads wrote its own) summed: a view of the
+    only split where there is one."""
+    return t.squeeze(2) if t.shape[2] == 1 else t.sum(2)
 
 
 def seq_idx_strides(seq_idx: torch.Tensor | None) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from functools import cache
 import torch
 import triton
 
-from hybridlm.ops.layout import seq_idx_strides
+from hybridlm.ops.layout import seq_idx_strides, sum_splits
 
 
 def _splits(batch: int, nchunks: int, nheads: int, ngroups: int, device: torch.device) -> tuple[int, int]:
@@ -40,10 +40,6 @@ def _splits(batch: int, nchunks: int, nheads: int, ngroups: int, device: torch.d
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     per_program = max(min(math.ceil(batch * nchunks * nheads / sms), per_group), 1)
     return per_program, triton.cdiv(per_group, per_program)
-
-
-def _sum_splits(t: torch.Tensor) -> torch.Tensor:
-    return t.squeeze(2) if t.shape[2] == 1 else t.sum(2)
 
 
 def _chunk_strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -204,7 +200,7 @@ def chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B, ngroups: int, seq_idx=None,
             *x.stride(), *dstates.stride(), *B.stride(), *_chunk_strides(dt), *_chunk_strides(dA_cumsum),
             *launch.last_strides(seq_idx), **launch.meta(seq_idx, headdim),
         )  # fmt: skip
-    return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
+    return sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
 
 def chunk_scan_bwd_dC(prev_states, dA_cumsum, dout, C, ngroups: int, seq_idx=None, acc: Accumulators | None = None):
@@ -226,7 +222,7 @@ def chunk_scan_bwd_dC(prev_states, dA_cumsum, dout, C, ngroups: int, seq_idx=Non
             *dout.stride(), *prev_states.stride(), *C.stride(), *_chunk_strides(dA_cumsum),
             *launch.last_strides(seq_idx), **launch.meta(seq_idx, headdim),
         )  # fmt: skip
-    return _sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
+    return sum_splits(launch.grad), finalize_tile_workspace(launch.ddA, launch.deterministic)
 
 
 def chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups: int, seq_idx=None) -> torch.Tensor:
@@ -253,7 +249,7 @@ def chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups: int, seq_idx=None) -> to
             HAS_DDA_CS=False, HAS_SEQ_IDX=seq_idx is not None,
             BLOCK_SIZE_K=max(triton.next_power_of_2(headdim), 16),
         )  # fmt: skip
-    return _sum_splits(dcb)
+    return sum_splits(dcb)
 
 
 def chunk_scan_bwd_ddAcs_tiles(x, dt, dA_cumsum, dout, cb) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.layout import seq_idx_strides
+from hybridlm.ops.layout import seq_idx_strides, sum_splits
 
 # Launch shapes, from ``benchmarks/own_kernels.py --kernels scan,dx`` on an H200 at the 500M config's 1x32768
 # (chunk 128, head_dim 64, d_state 128, 32 heads in one group; 3c28159, e8fd103). The x gradient: 0.349-0.351 ms a
@@ -520,7 +520,7 @@ def chunk_scan_bwd_cb_grads(
             CHUNK=chunk, HEADDIM=headdim, HAS_SEQ_IDX=seq_idx is not None,
             BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
         )  # fmt: skip
-    return (dcb[:, :, 0] if splits == 1 else dcb.sum(2)), dda
+    return sum_splits(dcb), dda
 
 
 def _heads_per_program(heads: int, nheads: int, ngroups: int) -> int:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.layout import seq_idx_strides
+from hybridlm.ops.layout import seq_idx_strides, sum_splits
 from hybridlm.ops.ssd_group import _program_chunk, _tile, launch_heads
 
 # Launch shapes, from ``benchmarks/own_kernels.py --kernels states,stategrads`` on an H200 at the 500M config's
@@ -247,7 +247,7 @@ def _state_grad(U, S, V, dt, dA_cumsum, seq_idx, through_B: bool, block_m, heads
             THROUGH_B=through_B, HAS_SEQ_IDX=seq_idx is not None,
             BLOCK_M=block_m, HEADS=heads, STAGES=stages, num_warps=num_warps,
         )  # fmt: skip
-    return (dv[:, :, 0] if splits == 1 else dv.sum(2)), dda
+    return sum_splits(dv), dda
 
 
 def chunk_state_bwd_db(
