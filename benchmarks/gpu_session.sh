@@ -401,6 +401,11 @@ for phase in "${phases[@]}"; do
       run fill-check 300 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and upstream and not norm and not launch and not passing or split and bf16 and not combined or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
+    profhf)  # the graphed step's kernel table at 2x4096 (HF Bamba's shape) and at 1x32768
+      for shape in 2x4096 1x32768; do
+        run prof-graph-$shape 200 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 90 --out "$OUT/prof"
+      done
+      rm -f "$OUT"/prof*/*.json ;;
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;
