@@ -406,14 +406,6 @@ for phase in "${phases[@]}"; do
         run prof-graph-$shape 200 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 90 --out "$OUT/prof"
       done
       rm -f "$OUT"/prof*/*.json ;;
-    convrows)  # the conv backward walking several sub-spans at once: its launch sweep against causal_conv1d's at both
-      # shapes (documents and one a row), then the mixer's cases against causal_conv1d's backward, a model, the captured
-      # step
-      run convrows-1x32768 260 python3 benchmarks/own_kernels.py $CFG --shape 1x32768 --kernels conv
-      run convrows-2x4096 150 python3 benchmarks/own_kernels.py $CFG --shape 2x4096 --kernels conv
-      run convrows-tests 160 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
-        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
-        -k "causal_conv1d or ssd_scan-bf16 or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;

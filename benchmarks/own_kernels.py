@@ -201,17 +201,12 @@ def conv_variants(
         return dx, dw, db
 
     variants = {"causal_conv1d bwd": upstream}
-    defaults = (conv_bwd.SPAN, conv_bwd.ROWS, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.STAGES)
-    shapes = [defaults]
-    if not quick:  # 1 warp and 512 channels were slower in earlier sweeps (conv_bwd.py)
-        shapes.append((64, 1, 256, 4, 2))  # the one-row walk that won them
-        grid = itertools.product((128, 256, 512), (4, 8, 16), (64, 128, 256), (4, 8), (2,))
-        # at most 16 fp32 values of each (rows, channels) tile a thread: the window holds ~20 tiles
-        shapes += [s for s in grid if s != defaults and s[1] * s[2] <= 16 * 32 * s[3] and s[0] >= 8 * s[1]]
-    for span, rows, block_c, warps, stages in shapes:
-        variants[f"ours span {span} rows {rows} channels {block_c} warps {warps} stages {stages}"] = (
-            lambda s=span, r=rows, c=block_c, w=warps, st=stages: conv_bwd.causal_conv1d_silu_bwd(
-                x, weight, bias, dout, seq_idx, dx=dx, span=s, rows=r, block_c=c, num_warps=w, stages=st
+    defaults = (conv_bwd.SPAN, conv_bwd.BLOCK_C, conv_bwd.NUM_WARPS, conv_bwd.STAGES)
+    shapes = [defaults] if quick else itertools.product((64, 128), (128, 256), (2, 4), (2,))
+    for span, block_c, warps, stages in shapes:  # 1 warp and 512 channels were slower in earlier sweeps (conv_bwd.py)
+        variants[f"ours span {span} channels {block_c} warps {warps} stages {stages}"] = (
+            lambda s=span, c=block_c, w=warps, st=stages: conv_bwd.causal_conv1d_silu_bwd(
+                x, weight, bias, dout, seq_idx, dx=dx, span=s, block_c=c, num_warps=w, stages=st
             )
         )
     return variants

@@ -29,9 +29,8 @@ WIDTH = 4  # taps the kernel is written for
 # 32, 0.298 at 128, 0.352 at 256, 0.363 at 512: fewer programs in flight, each waiting on its row's loads); 1 warp
 # was slowest. Loads ahead (STAGES 2 or 3) made no difference. With one document a row: 0.286 ms against
 # causal_conv1d's 0.288 (70309812), and the mixer op 2% slower with it (``op_variants.py``), so it serves documents.
-SPAN = 256  # tokens per program
-ROWS = 8  # sub-spans a program walks side by side
-BLOCK_C = 128  # channels per program
+SPAN = 64  # tokens per program
+BLOCK_C = 256  # channels per program
 NUM_WARPS = 4
 STAGES = 2  # the token loop's software pipelining, rows loaded ahead of the one computed
 
@@ -47,12 +46,10 @@ def _silu_slope(pre):
 def _conv_silu_bwd_kernel(
     X, W, BIAS, DOUT, SEQ_IDX,  # X, DOUT (batch, seqlen, channels) unit channel stride; W (channels, 4); SEQ_IDX
     DX, DW_PARTIAL,  # DX like X; DW_PARTIAL (batch, spans, 5, channels) fp32: the four taps', then the bias's
-    seqlen, channels,
+    seqlen, channels, span,
     stride_x_b, stride_x_t, stride_dout_b, stride_dout_t, stride_dx_b, stride_dx_t, stride_seq_b,
     HAS_BIAS: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr,
-    ROWS: tl.constexpr,  # sub-spans walked side by side, a row of each per step
-    STEPS: tl.constexpr,  # tokens per sub-span
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -60,19 +57,19 @@ def _conv_silu_bwd_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < channels
     # tap k multiplies x at t - 3 + k in output t
-    w0 = tl.load(W + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(W + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(W + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(W + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    w0 = tl.load(W + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
+    w1 = tl.load(W + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(W + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
+    w3 = tl.load(W + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
     X += b * stride_x_b
     DOUT += b * stride_dout_b
     DX += b * stride_dx_b
     SEQ_IDX += b * stride_seq_b
-    # the first token of each sub-span (int64: offsets past 2**31 elements stay exact)
-    t0 = (pid_t * ROWS + tl.arange(0, ROWS)).to(tl.int64) * STEPS
+    t0 = pid_t * span
+    t_end = tl.minimum(t0 + span, seqlen)
 
     # The window before the first step: x at t0-3 .. t0+2 (xm3 .. xp2), the gradient at the activation's input
     # (g) at t0 .. t0+2, document ids alike (-1 before the sequence: no tap reaches there, x is zero anyway).
@@ -95,14 +92,13 @@ def _conv_silu_bwd_kernel(
     g2 = _grad_pre(DOUT, t0 + 2, stride_dout_t, cols, col_mask, seqlen, bias, w0, w1, w2, w3,
                    xm1, x0, xp1, xp2, sm1, s0, sp1, sp2, HAS_SEQ_IDX)  # fmt: skip
 
-    dw0 = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    dw1 = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    dw2 = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    dw3 = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    dbias = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
-    for i in tl.range(0, STEPS, num_stages=STAGES):
-        t = t0 + i
-        # one new row of each sub-span: x and the gradient at t+3, its pre-activation and the gradient there (g3)
+    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in tl.range(t0, t_end, num_stages=STAGES):
+        # one new row: x and the gradient at t+3, its pre-activation and the gradient there (g3)
         xp3 = _row(X, t + 3, stride_x_t, cols, col_mask, seqlen)
         sp3 = _doc(SEQ_IDX, t + 3, seqlen, HAS_SEQ_IDX)
         g3 = _grad_pre(DOUT, t + 3, stride_dout_t, cols, col_mask, seqlen, bias, w0, w1, w2, w3,
@@ -110,9 +106,8 @@ def _conv_silu_bwd_kernel(
         # x at t feeds outputs t .. t+3 through taps 3 .. 0, those of its own document
         dx = w3 * g0 + _keep(w2 * g1, sp1 == s0, HAS_SEQ_IDX) + _keep(w1 * g2, sp2 == s0, HAS_SEQ_IDX)
         dx += _keep(w0 * g3, sp3 == s0, HAS_SEQ_IDX)
-        in_seq = (t < seqlen)[:, None] & col_mask[None, :]
-        tl.store(DX + t[:, None] * stride_dx_t + cols[None, :], dx.to(DX.dtype.element_ty), mask=in_seq)
-        # output t's taps read x at t-3 .. t (g0 is zero past the sequence's end)
+        tl.store(DX + _rows(t, cols) * stride_dx_t + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+        # output t's taps read x at t-3 .. t
         dw0 += _keep(g0 * xm3, sm3 == s0, HAS_SEQ_IDX)
         dw1 += _keep(g0 * xm2, sm2 == s0, HAS_SEQ_IDX)
         dw2 += _keep(g0 * xm1, sm1 == s0, HAS_SEQ_IDX)
@@ -136,29 +131,35 @@ def _conv_silu_bwd_kernel(
         g2 = g3
 
     partial = DW_PARTIAL + (b * tl.num_programs(0) + pid_t) * 5 * channels + cols
-    tl.store(partial, tl.sum(dw0, axis=0), mask=col_mask)
-    tl.store(partial + channels, tl.sum(dw1, axis=0), mask=col_mask)
-    tl.store(partial + 2 * channels, tl.sum(dw2, axis=0), mask=col_mask)
-    tl.store(partial + 3 * channels, tl.sum(dw3, axis=0), mask=col_mask)
-    tl.store(partial + 4 * channels, tl.sum(dbias, axis=0), mask=col_mask)
+    tl.store(partial, dw0, mask=col_mask)
+    tl.store(partial + channels, dw1, mask=col_mask)
+    tl.store(partial + 2 * channels, dw2, mask=col_mask)
+    tl.store(partial + 3 * channels, dw3, mask=col_mask)
+    tl.store(partial + 4 * channels, dbias, mask=col_mask)
 
 
 @triton.jit
 def _row(PTR, t, stride_t, cols, col_mask, seqlen):
-    """Row ``t[r]`` of a (seqlen, channels) tensor for each sub-span r, (ROWS, BLOCK_C) fp32, zero outside the
-    sequence."""
-    mask = ((t >= 0) & (t < seqlen))[:, None] & col_mask[None, :]
-    return tl.load(PTR + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    """Row ``t`` of a (seqlen, channels) tensor in fp32, zero outside the sequence."""
+    rows = _rows(t, cols)
+    mask = col_mask & (rows >= 0) & (rows < seqlen)
+    return tl.load(PTR + rows * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rows(t, cols):
+    """Row ``t`` repeated for each of ``cols``, int64: offsets past 2**31 elements stay exact, and Triton's
+    interpreter (where ``t`` may be a Python int) takes the bounds masks as vectors."""
+    return tl.full(cols.shape, 0, tl.int64) + t
 
 
 @triton.jit
 def _doc(SEQ_IDX, t, seqlen, HAS_SEQ_IDX: tl.constexpr):
-    """The document id at each of ``t`` as a column, (ROWS, 1), -1 outside the sequence; 0 everywhere without
-    ``seq_idx`` (never compared then)."""
+    """The document id at ``t``, -1 outside the sequence; 0 everywhere without ``seq_idx`` (never compared then)."""
     if HAS_SEQ_IDX:
-        return tl.load(SEQ_IDX + t, mask=(t >= 0) & (t < seqlen), other=-1)[:, None]
+        return tl.load(SEQ_IDX + t, mask=(t >= 0) & (t < seqlen), other=-1)
     else:
-        return tl.zeros((t.shape[0], 1), dtype=tl.int32)
+        return tl.full((), 0, tl.int32)
 
 
 @triton.jit
@@ -190,7 +191,6 @@ def causal_conv1d_silu_bwd(
     seq_idx: torch.Tensor | None = None,
     dx: torch.Tensor | None = None,
     span: int = SPAN,
-    rows: int = ROWS,
     block_c: int = BLOCK_C,
     num_warps: int = NUM_WARPS,
     stages: int = STAGES,
@@ -198,10 +198,9 @@ def causal_conv1d_silu_bwd(
     """Gradients of ``silu(bias + causal depthwise conv(x, weight))`` from the output's gradient ``dout``.
     ``x``, ``dout`` (and ``dx`` when given: a view the kernel writes into, a slice of in_proj's gradient say) are
     (batch, seqlen, channels) with unit channel stride and any batch and row strides; ``weight`` (channels, width
-    <= 4); ``seq_idx`` (batch, seqlen) int32, contiguous. ``span`` (tokens per program), ``rows`` (the sub-spans a
-    program walks side by side, a power of two dividing ``span``), ``block_c`` (channels per program, a power of
-    two), ``num_warps`` and ``stages`` (steps loaded ahead) are the launch's shape. Returns ``(dx, dweight, dbias)``,
-    the last two in the parameters' dtypes."""
+    <= 4); ``seq_idx`` (batch, seqlen) int32, contiguous. ``span`` (tokens per program), ``block_c`` (channels per
+    program), ``num_warps`` and ``stages`` (rows loaded ahead) are the launch's shape. Returns ``(dx, dweight,
+    dbias)``, the last two in the parameters' dtypes."""
     batch, seqlen, channels = x.shape
     width = weight.shape[-1]
     if weight.shape != (channels, width) or width > WIDTH:
@@ -211,8 +210,6 @@ def causal_conv1d_silu_bwd(
             raise ValueError(f"causal_conv1d_silu_bwd: {name} {tuple(t.shape)} must be {tuple(x.shape)}, unit stride")
     if x.stride(-1) != 1:
         raise ValueError("causal_conv1d_silu_bwd: x must have unit channel stride")
-    if span % rows:
-        raise ValueError(f"causal_conv1d_silu_bwd: span {span} must be a multiple of rows {rows}")
     if seq_idx is not None and (seq_idx.shape != (batch, seqlen) or seq_idx.dtype != torch.int32):
         raise ValueError(f"causal_conv1d_silu_bwd: seq_idx must be ({batch}, {seqlen}) int32")
     dx = torch.empty_like(x) if dx is None else dx
@@ -226,11 +223,11 @@ def causal_conv1d_silu_bwd(
         _conv_silu_bwd_kernel[(spans, triton.cdiv(channels, block_c), batch)](
             x, w4, bias if bias is not None else w4, dout, seq,
             dx, dw_partial,
-            seqlen, channels,
+            seqlen, channels, span,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
             seqlen if seq_idx is None else seq.stride(0),
             HAS_BIAS=bias is not None, HAS_SEQ_IDX=seq_idx is not None,
-            ROWS=rows, STEPS=span // rows, BLOCK_C=block_c, STAGES=stages, num_warps=num_warps,
+            BLOCK_C=block_c, STAGES=stages, num_warps=num_warps,
         )  # fmt: skip
     else:
         dw_partial.zero_()

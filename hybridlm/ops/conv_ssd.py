@@ -28,8 +28,8 @@ what came before, the baseline that ``benchmarks/op_variants.py`` and the GPU te
   decays' gradient terms unsummed (``decay_grad`` sums them with the rest), skip mamba_ssm's sums over a
   single split of the heads (copies of dB, dC and d(C·Bᵀ)) and zero the kernels' accumulators with one fill
   where mamba_ssm's pre-hooks launch one each;
-- the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window over several
-  sub-spans of the tokens at once; causal_conv1d's takes 45% longer when it has to respect document boundaries).
+- with packed documents the conv's backward is hybridlm's own Triton kernel (``ops/conv_bwd.py``: a sliding window
+  over the tokens; causal_conv1d's takes 45% longer when it has to respect document boundaries).
 - with 16-bit inputs of the shapes run on the GPU (``ssd_group.launches``) the chunked scan's forward and its x
   gradient are hybridlm's own Triton kernels (``ops/ssd_group.py``: mamba_ssm's arithmetic, each program walking
   a run of a group's heads with the rows of C or B and C·Bᵀ they share held, 1.10x and 1.17x faster at the 500M
@@ -77,7 +77,7 @@ class MixerKernels:
     own_state_passing: bool = True  # ops/state_passing.py's tiled scans, else mamba_ssm's chunk-by-chunk kernels
     own_bwd_launch: bool = True  # ops/ssd_bwd.py: no sums over one split, the decays' partial sums left to decay_grad
     zero_once: bool = True  # with own_bwd_launch: the kernels' accumulators zeroed by one fill, not one pre-hook each
-    own_conv_bwd: bool = True  # ops/conv_bwd.py's conv backward, else causal_conv1d's
+    own_conv_bwd: bool = True  # with packed documents: ops/conv_bwd.py's conv backward, else causal_conv1d's
     own_dx: bool = True  # with own_bwd_launch, where ssd_group.launches: its x-gradient kernel, else mamba_ssm's
     own_scan_fwd: bool = True  # where ops/ssd_group.launches: its chunked-scan forward, else mamba_ssm's
     # with own_bwd_launch, where ssd_group.launches: its one kernel for C·Bᵀ's and the in-chunk decays' gradients,
@@ -276,7 +276,7 @@ class ConvSSDScan(torch.autograd.Function):
             dC_states, ddA_from_C = _chunk_scan_bwd_dC(
                 states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
             )
-        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels, own_tiles)
+        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, B.shape[-1], seq_idx, kernels)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
@@ -288,9 +288,9 @@ class ConvSSDScan(torch.autograd.Function):
                 ddA, ddt_act, dt, A, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit, ddt=ddt_raw
             )
 
-        # hybridlm's conv backward walks several sub-spans at once (ops/conv_bwd.py has the times against
-        # causal_conv1d's, which takes 45% longer with documents)
-        if kernels.own_conv_bwd:  # any row stride: x's gradient goes into dzxbcdt
+        # causal_conv1d's backward takes 45% longer with documents (seq_idx), hybridlm's does not; without them the
+        # two kernels are level and the op measured 2% slower with hybridlm's (ops/conv_bwd.py has the times)
+        if kernels.own_conv_bwd and seq_idx is not None:  # any row stride: x's gradient goes into dzxbcdt
             _, dconv_weight, dconv_bias = conv_bwd.causal_conv1d_silu_bwd(
                 xBC, conv_weight, conv_bias, dxBC, seq_idx, dx=dxBC_in
             )
@@ -305,16 +305,16 @@ class ConvSSDScan(torch.autograd.Function):
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
 
 
-def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, seq_idx, kernels: MixerKernels, own_tiles: bool):
+def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, dstate: int, seq_idx, kernels: MixerKernels):
     """C·Bᵀ's gradient and the in-chunk part of the decays' (partial sums over row tiles): from ssd_group's one
-    kernel where ``own_tiles`` (``ssd_group.launches``), or mamba_ssm's two. The latter part has a kernel of its
-    own: summing per-step terms instead (an identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and
-    dt_bias's gradients came out 80-240x further from the reference, and slower (README, Performance)."""
+    kernel, or mamba_ssm's two. The latter part has a kernel of its own: summing per-step terms instead (an
+    identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x further
+    from the reference, and slower (README, Performance)."""
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable
 
     from hybridlm.ops import ssd_bwd, ssd_group
 
-    if kernels.own_bwd_launch and kernels.own_cb_grads and own_tiles:
+    if kernels.own_bwd_launch and kernels.own_cb_grads and ssd_group.launches(x, dstate, CB.shape[-1]):
         return ssd_group.chunk_scan_bwd_cb_grads(x, dt_act, dA_cumsum, dy, CB, seq_idx)
     if kernels.own_bwd_launch:
         dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)

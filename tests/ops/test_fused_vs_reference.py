@@ -421,7 +421,7 @@ def case_conv_ssd_scan(dtype, packed: bool = True, baseline: str | None = None, 
     own state written in bf16 against fp32; ``"compiled_decay_grad"``, the decays'
     gradient summed by one compiled kernel against eagerly; ``"own_state_passing"``, hybridlm's state passing
     against mamba_ssm's; ``"own_bwd_launch"``, hybridlm's backward wrappers against mamba_ssm's; ``"own_conv_bwd"``,
-    hybridlm's conv backward against causal_conv1d's; ``"own_dx"``, hybridlm's x-gradient kernel
+    hybridlm's conv backward against causal_conv1d's, with documents; ``"own_dx"``, hybridlm's x-gradient kernel
     against mamba_ssm's; ``"own_scan_fwd"``, its chunked-scan forward against mamba_ssm's; ``"own_cb_grads"``, its
     kernel for C·Bᵀ's and the in-chunk decays' gradients against mamba_ssm's two; ``"own_chunk_states"``, its kernel for
     each chunk's own state; ``"own_state_grads"``, its kernels for B's and C's
@@ -566,7 +566,6 @@ CASES: dict[str, Callable[[torch.dtype], Case]] = {
     ),
     "conv_ssd_scan[seq_idx,vs zeroing pre-hooks]": lambda dt: case_conv_ssd_scan(dt, baseline="zero_once"),
     "conv_ssd_scan[seq_idx,vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_conv_bwd"),
-    "conv_ssd_scan[vs causal_conv1d bwd]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_conv_bwd"),
     "conv_ssd_scan[seq_idx,vs upstream dx]": lambda dt: case_conv_ssd_scan(dt, baseline="own_dx"),
     "conv_ssd_scan[vs upstream dx]": lambda dt: case_conv_ssd_scan(dt, packed=False, baseline="own_dx"),
     "conv_ssd_scan[seq_idx,vs upstream scan fwd]": lambda dt: case_conv_ssd_scan(dt, baseline="own_scan_fwd"),

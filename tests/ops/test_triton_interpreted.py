@@ -188,22 +188,22 @@ def test_state_passing_refuses_inputs_its_kernels_would_misread(kernels):
 
 
 @pytest.mark.parametrize(
-    "batch, seqlen, channels, width, packed, bias, span, rows, block_c",
+    "batch, seqlen, channels, width, packed, bias, span, block_c",
     [
-        (2, 37, 48, 4, True, True, 8, 4, 32),
-        (1, 20, 40, 4, False, False, 16, 2, 16),
-        (2, 19, 24, 3, True, True, 5, 1, 16),
-        (1, 9, 8, 2, False, True, 256, 8, 256),
+        (2, 37, 48, 4, True, True, 8, 32),
+        (1, 20, 40, 4, False, False, 16, 16),
+        (2, 19, 24, 3, True, True, 5, 16),
+        (1, 9, 8, 2, False, True, 256, 256),
     ],
     ids=[
-        "packed, sub-spans of 2, spans and channel blocks partial",
-        "one document, no bias, sub-spans of 8",
-        "width 3, spans of 5 walked as one",
+        "packed, spans and channel blocks partial",
+        "one document, no bias",
+        "width 3, spans of 5",
         "width 2, one span",
     ],
 )
 def test_conv_backward_matches_autograd_through_the_reference(
-    kernels, batch, seqlen, channels, width, packed, bias, span, rows, block_c
+    kernels, batch, seqlen, channels, width, packed, bias, span, block_c
 ):
     torch.manual_seed(0)
     pad = 5  # x and its gradient are slices of wider rows, as xBC inside in_proj's output and its gradient
@@ -224,7 +224,7 @@ def test_conv_backward_matches_autograd_through_the_reference(
 
     dx_rows = torch.zeros(batch, seqlen, channels + pad, dtype=torch.float64)
     dx, dweight, dbias = kernels["conv_bwd"].causal_conv1d_silu_bwd(
-        x, weight, b, dout, seq_idx, dx=dx_rows[..., :channels], span=span, rows=rows, block_c=block_c
+        x, weight, b, dout, seq_idx, dx=dx_rows[..., :channels], span=span, block_c=block_c
     )
     torch.testing.assert_close(dx, leaves[0].grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dweight, leaves[1].grad, atol=1e-5, rtol=1e-5)
@@ -244,5 +244,3 @@ def test_conv_backward_refuses_inputs_its_kernel_would_misread(kernels):
         module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, torch.zeros(1, 8, 6).transpose(1, 2))
     with pytest.raises(ValueError, match=r"seq_idx must be \(1, 6\) int32"):
         module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, x, torch.zeros(1, 6, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"span 12 must be a multiple of rows 8"):
-        module.causal_conv1d_silu_bwd(x, torch.zeros(8, 4), None, x, span=12)
