@@ -406,6 +406,11 @@ for phase in "${phases[@]}"; do
         run prof-graph-$shape 200 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 90 --out "$OUT/prof"
       done
       rm -f "$OUT"/prof*/*.json ;;
+    cbtests)  # after a change to how the mixer picks ssd_group's C·Bᵀ-gradient kernel: its cases against mamba_ssm's
+      # two kernels (with documents and without), the mixer against the reference, a model, the captured step (bf16)
+      run cb-tests 280 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
+        tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
+        -k "cb and grads and bf16 or ssd_scan-bf16 or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
     prof32k)  # the graphed step's kernel table at 1x32768
       run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
       rm -f "$OUT"/prof*/*.json ;;

@@ -29,6 +29,10 @@ WIDTH = 4  # taps the kernel is written for
 # 32, 0.298 at 128, 0.352 at 256, 0.363 at 512: fewer programs in flight, each waiting on its row's loads); 1 warp
 # was slowest. Loads ahead (STAGES 2 or 3) made no difference. With one document a row: 0.286 ms against
 # causal_conv1d's 0.288 (70309812), and the mixer op 2% slower with it (``op_variants.py``), so it serves documents.
+# Walking several sub-spans side by side (a (rows, channels) tile a step; 9c29a38, reverted) lost at every launch
+# of a 51-shape sweep: at best 0.430 ms with documents and 0.289 without at 1x32768 (causal_conv1d's 0.414 / 0.290,
+# the one-row walk 0.335 / 0.377 on that card), 0.097-0.102 ms at 2x4096 against causal_conv1d's 0.058 without
+# documents: more rows in flight a program did not make the walk less latency-bound.
 SPAN = 64  # tokens per program
 BLOCK_C = 256  # channels per program
 NUM_WARPS = 4

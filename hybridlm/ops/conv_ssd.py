@@ -276,7 +276,7 @@ class ConvSSDScan(torch.autograd.Function):
             dC_states, ddA_from_C = _chunk_scan_bwd_dC(
                 states_lowp, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=ngroups
             )
-        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, B.shape[-1], seq_idx, kernels)
+        dCB, ddA_in_chunk = _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups, seq_idx, kernels, own_tiles)
         _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
         _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
         sum_parts = compiled(decay_grad) if kernels.compiled_decay_grad else decay_grad
@@ -305,16 +305,16 @@ class ConvSSDScan(torch.autograd.Function):
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight) + (None,) * 7
 
 
-def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, dstate: int, seq_idx, kernels: MixerKernels):
+def _cb_grads(x, dt_act, dA_cumsum, dy, CB, ngroups: int, seq_idx, kernels: MixerKernels, own_tiles: bool):
     """C·Bᵀ's gradient and the in-chunk part of the decays' (partial sums over row tiles): from ssd_group's one
-    kernel, or mamba_ssm's two. The latter part has a kernel of its own: summing per-step terms instead (an
-    identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and dt_bias's gradients came out 80-240x further
-    from the reference, and slower (README, Performance)."""
+    kernel where ``own_tiles`` (``ssd_group.launches``), or mamba_ssm's two. The latter part has a kernel of its
+    own: summing per-step terms instead (an identity, tests/ops/test_ssd_ref.py) cancels large terms: A's and
+    dt_bias's gradients came out 80-240x further from the reference, and slower (README, Performance)."""
     from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable
 
     from hybridlm.ops import ssd_bwd, ssd_group
 
-    if kernels.own_bwd_launch and kernels.own_cb_grads and ssd_group.launches(x, dstate, CB.shape[-1]):
+    if kernels.own_bwd_launch and kernels.own_cb_grads and own_tiles:
         return ssd_group.chunk_scan_bwd_cb_grads(x, dt_act, dA_cumsum, dy, CB, seq_idx)
     if kernels.own_bwd_launch:
         dCB = ssd_bwd.chunk_scan_bwd_dcb(x, dt_act, dA_cumsum, dy, ngroups, seq_idx)
