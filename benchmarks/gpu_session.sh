@@ -32,6 +32,13 @@ statetests() {  # the mixer against mamba_ssm's kernels for ops/ssd_states.py's 
     tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
     -k "conv_ssd_scan and upstream and state and not passing or model_fused_matches_reference and 2-bf16 or captured_step and 2"
 }
+graphtables() {  # graphtables SECONDS TOP SHAPE...: the graphed step's kernel table (the .tsv) at each shape
+  local secs=$1 top=$2; shift 2
+  for shape in "$@"; do
+    run prof-graph-$shape "$secs" python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top "$top" --out "$OUT/prof"
+  done
+  rm -f "$OUT"/prof*/*.json
+}
 phases=()
 for phase in "$@"; do  # train2: training against the mamba_ssm hybrid, then HF's models (anchors, then hf)
   if [ "$phase" = train2 ]; then phases+=(anchors hf); else phases+=("$phase"); fi
@@ -287,10 +294,7 @@ for phase in "${phases[@]}"; do
       run known-failures 200 python3 -m pytest -v -m gpu tests/ops/test_fused_vs_reference.py -p no:cacheprovider \
         --runxfail --tb=short -k "one and split and fp32" ;;
     profboth)  # the graphed step's kernel profile at both shapes: every kernel's count and time (the .tsv tables)
-      for shape in 1x32768 8x4096; do
-        run prof-graph-$shape 150 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 80 --out "$OUT/prof"
-      done
-      rm -f "$OUT"/prof*/*.json ;;
+      graphtables 150 80 1x32768 8x4096 ;;
     launches)  # which op, called from where, launches the eager step's kernels (memsets and fills included)
       run launches-1x32768 200 python3 benchmarks/profile_step.py $CFG --shape 1x32768 --launches --top 70 \
         --warmup 2 --steps 1 --out "$OUT/prof"
@@ -402,18 +406,14 @@ for phase in "${phases[@]}"; do
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "conv_ssd_scan and upstream and not norm and not launch and not passing or split and bf16 and not combined or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
     profhf)  # the graphed step's kernel table at 2x4096 (HF Bamba's shape) and at 1x32768
-      for shape in 2x4096 1x32768; do
-        run prof-graph-$shape 200 python3 benchmarks/profile_step.py $CFG --graph --shape $shape --top 90 --out "$OUT/prof"
-      done
-      rm -f "$OUT"/prof*/*.json ;;
+      graphtables 200 90 2x4096 1x32768 ;;
     cbtests)  # after a change to how the mixer picks ssd_group's C·Bᵀ-gradient kernel: its cases against mamba_ssm's
       # two kernels (with documents and without), the mixer against the reference, a model, the captured step (bf16)
       run cb-tests 280 python3 -m pytest -v -s -m gpu tests/ops/test_fused_vs_reference.py \
         tests/train/test_graphed_step.py -p no:cacheprovider --durations=5 \
         -k "cb and grads and bf16 or ssd_scan-bf16 or model_fused_matches_reference and 2-bf16 or captured_step and 2 and bf16" ;;
     prof32k)  # the graphed step's kernel table at 1x32768
-      run prof-graph-1x32768 200 python3 benchmarks/profile_step.py $CFG --graph --shape 1x32768 --top 90 --out "$OUT/prof"
-      rm -f "$OUT"/prof*/*.json ;;
+      graphtables 200 90 1x32768 ;;
     chunkstates)  # each chunk's own state in bf16: the mixer op's time and errors with it and without at 1x32768,
       # training with it off (A/A control own_conv_bwd), then the mixer's GPU cases against the reference and fp32
       # chunk states, the Mamba-2 models
